@@ -1,0 +1,133 @@
+"""Procrustes, soft rotation, Haar rotation and the scalar gauge against independent references."""
+
+import pytest
+import scipy.linalg
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedlora.align import (
+    alignment_rotation,
+    haar_rotation,
+    procrustes,
+    rotate,
+    scalar_gauge,
+    soft_rotation,
+)
+from fedlora.errors import ConfigError
+from fedlora.factors import LoRAPair
+
+
+def rand_pair(r, d_out=20, d_in=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return LoRAPair(torch.randn(r, d_in, generator=g, dtype=dtype), torch.randn(d_out, r, generator=g, dtype=dtype))
+
+
+def is_rotation(R, atol=1e-5):
+    eye = torch.eye(R.shape[0], dtype=R.dtype)
+    return torch.allclose(R.T @ R, eye, atol=atol) and abs(float(torch.linalg.det(R)) - 1) < atol
+
+
+@settings(max_examples=40, deadline=None)
+@given(r=st.integers(1, 8), seed=st.integers(0, 10_000))
+def test_procrustes_matches_scipy_when_it_is_a_rotation_and_beats_random_rotations(r, seed):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(r, r, generator=g, dtype=torch.float64)
+    R = procrustes(M)
+    assert is_rotation(R, 1e-9)
+    # scipy solves min ‖X R − Y‖ over O(r); with X = I, Y = M that is argmax tr(Rᵀ M) over O(r).
+    R_scipy, _ = scipy.linalg.orthogonal_procrustes(torch.eye(r).numpy(), M.numpy())
+    R_scipy = torch.from_numpy(R_scipy)
+    objective = lambda Q: float(torch.trace(Q.T @ M))  # noqa: E731
+    if torch.linalg.det(R_scipy) > 0:
+        torch.testing.assert_close(R, R_scipy, rtol=1e-7, atol=1e-7)
+    else:
+        assert objective(R) <= objective(R_scipy) + 1e-9  # SO(r) is a subset of O(r)
+    # no random rotation does better than the optimum
+    for _ in range(20):
+        assert objective(haar_rotation(r, g, dtype=torch.float64)) <= objective(R) + 1e-9
+
+
+def test_procrustes_fixes_the_determinant():
+    # The O(r) optimum of tr(Rᵀ M) is the reflection diag(1, 1, −1) (objective 6); over SO(r) it is I
+    # (objective 3 + 2 − 1 = 4), reached by flipping the direction of the smallest singular value.
+    M = torch.diag(torch.tensor([3.0, 2.0, -1.0], dtype=torch.float64))
+    R = procrustes(M)
+    assert is_rotation(R, 1e-12)
+    torch.testing.assert_close(R, torch.eye(3, dtype=torch.float64))
+
+
+@settings(max_examples=40, deadline=None)
+@given(r=st.integers(1, 8), lam=st.floats(0, 1), seed=st.integers(0, 10_000))
+def test_soft_rotation_is_a_rotation_and_obeys_lemma_a1(r, lam, seed):
+    R_star = haar_rotation(r, torch.Generator().manual_seed(seed), dtype=torch.float64)
+    R = soft_rotation(R_star, lam)
+    eye = torch.eye(r, dtype=torch.float64)
+    assert is_rotation(R, 1e-9)
+    # Lemma A.1: ‖R_soft − I‖_F ≤ 2λ‖R* − I‖_F
+    assert (R - eye).norm() <= 2 * lam * (R_star - eye).norm() + 1e-9
+
+
+def test_soft_rotation_endpoints():
+    R_star = haar_rotation(5, torch.Generator().manual_seed(1))
+    assert torch.equal(soft_rotation(R_star, 0.0), torch.eye(5))
+    assert torch.equal(soft_rotation(R_star, 1.0), R_star)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="outside"):
+            soft_rotation(R_star, bad)
+
+
+def test_soft_rotation_through_half_turn_stays_special_orthogonal():
+    # R* with eigenvalue −1 (twice) and λ = 0.5 makes R' singular; the projection must still land in SO(r).
+    R_star = torch.diag(torch.tensor([-1.0, -1.0, 1.0]))
+    assert is_rotation(soft_rotation(R_star, 0.5))
+
+
+@pytest.mark.parametrize("r", [1, 2, 5, 16])
+def test_haar_rotation_is_special_orthogonal_and_seeded(r):
+    R1 = haar_rotation(r, torch.Generator().manual_seed(7))
+    R2 = haar_rotation(r, torch.Generator().manual_seed(7))
+    assert is_rotation(R1) and torch.equal(R1, R2)
+
+
+def test_haar_rotation_is_not_biased():
+    # E[R] = 0 for the Haar measure on SO(r), r ≥ 2: the sample mean of many draws is near zero.
+    g = torch.Generator().manual_seed(0)
+    mean = sum(haar_rotation(3, g, dtype=torch.float64) for _ in range(4000)) / 4000
+    assert mean.abs().max() < 0.05
+
+
+@pytest.mark.parametrize("factor", ["A", "B"])
+def test_alignment_recovers_a_rotated_reference(factor):
+    ref = rand_pair(4)
+    Q = haar_rotation(4, torch.Generator().manual_seed(3), dtype=torch.float64)
+    client = LoRAPair(Q.T @ ref.A, ref.B @ Q)
+    R = alignment_rotation(client, ref, factor, lam=1.0)
+    aligned = rotate(client, R)
+    torch.testing.assert_close(aligned.A, ref.A)
+    torch.testing.assert_close(aligned.B, ref.B)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotation_runs_in_float32_and_preserves_the_product(dtype):
+    ref, client = rand_pair(6, seed=1, dtype=dtype), rand_pair(6, seed=2, dtype=dtype)
+    R = alignment_rotation(client, ref, "A", lam=0.7)
+    assert R.dtype == torch.float32 and is_rotation(R)
+    out = rotate(client, R)
+    assert out.A.dtype == dtype and out.B.dtype == dtype
+    before = client.B.double() @ client.A.double()
+    after = out.B.double() @ out.A.double()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    assert (after - before).norm() / before.norm() < tol
+
+
+@pytest.mark.parametrize("factor", ["A", "B"])
+def test_scalar_gauge_closed_form(factor):
+    ref = rand_pair(3)
+    client = LoRAPair(ref.A * 0.5, ref.B * 2.0)
+    out, c = scalar_gauge(client, ref, factor)
+    torch.testing.assert_close(out.B @ out.A, client.B @ client.A)
+    expected = 2.0 if factor == "A" else 0.5  # c* = ⟨Q, Q_ref⟩/‖Q‖²
+    assert c == pytest.approx(expected)
+    torch.testing.assert_close(out.A, ref.A)
+    torch.testing.assert_close(out.B, ref.B)
