@@ -1,0 +1,364 @@
+"""Where a federated run's examples come from: catalog datasets, local files, or Hub names.
+
+``load_source`` always returns a ``datasets.DatasetDict`` with a ``"train"`` and a ``"validation"``
+split whose columns carry the standard names the tasks read (``text``, ``text_pair``, ``label``,
+``question``, ``choices``, ...), whatever the source called them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import datasets
+
+from fedlora.errors import ConfigError
+
+# File extension -> the `datasets` packaged builder that reads it. Compression suffixes are peeled
+# off first because `datasets` decompresses .gz/.bz2/.xz/.zst transparently.
+BUILDERS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+}
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+# Splits that stand in for a missing "validation" split, in order of preference.
+VALIDATION_FALLBACKS = ("validation_matched", "test")
+# How long the reachability probe waits before treating the Hub as offline. `datasets` itself
+# retries a dead connection for ~20 s per file, which is what "never hang" rules out.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def load_source(
+    source: str | Sequence[str],
+    *,
+    data_files: str | list[str] | Mapping[str, str | list[str]] | None = None,
+    columns: Mapping[str, str] | None = None,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> datasets.DatasetDict:
+    """Load a dataset by name or path and return it with ``"train"`` and ``"validation"`` splits.
+
+    ``source`` is resolved in this order:
+
+    1. a catalog dataset of :mod:`fedlora.assets` (``sarcasm``, ``bbc-news``, ...), read offline;
+    2. local files: a path (or list of paths, or a glob) ending in ``.csv``, ``.tsv``, ``.json``,
+       ``.jsonl``, ``.ndjson`` or ``.parquet`` (optionally compressed), a directory of such files,
+       or any ``source`` together with ``data_files`` (then ``source`` may name the format:
+       ``"csv"``, ``"json"``, ``"jsonl"``, ``"parquet"``). ``data_files`` may also be a dict of
+       split name to files, as in ``datasets.load_dataset``;
+    3. a Hugging Face Hub dataset: ``"path"``, ``"path:config"``, ``"path/config"`` (tried as path
+       plus config first, then as a repo id ``owner/name``) or ``"owner/name/config"``. When the
+       Hub cannot be reached within a few seconds only the local cache is consulted; a dataset
+       that is not there raises :class:`ConfigError` naming it and the closest catalog entries.
+
+    ``columns`` maps standard names to the source's columns, e.g. ``{"text": "sentence"}`` or
+    ``{"text": "premise", "text_pair": "hypothesis"}``; mapped columns are renamed, the others
+    are kept. A ``label`` column of strings becomes a ``ClassLabel`` with the sorted distinct
+    values of all splits as names (so every split shares one encoding); a ``label`` column of
+    non-negative integers becomes a ``ClassLabel`` with ``max + 1`` classes.
+
+    The validation split is the source's ``"validation"``; failing that its
+    ``"validation_matched"`` (MNLI), then its ``"test"`` if that split has labels (GLUE's test
+    labels are all ``-1``); failing that a seeded ``validation_fraction`` of ``"train"``
+    (stratified by label where possible). Other splits are kept as they are.
+
+    ``cache_dir`` is passed to ``datasets.load_dataset`` (default: the ``datasets`` cache).
+    Raises :class:`ConfigError` for an unknown source, a missing file, an unknown column or a
+    bad fraction.
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise ConfigError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
+    kwargs = {"cache_dir": os.fspath(cache_dir)} if cache_dir is not None else {}
+    label = _describe(source)
+
+    catalog = None if data_files is not None else _catalog_dataset(source)
+    if catalog is not None:
+        loaded = catalog
+    else:
+        files = _local_files(source, data_files)
+        if files is not None:
+            builder, files = files
+            loaded = _load_files(builder, files, label, kwargs)
+        elif isinstance(source, str):
+            loaded = _load_hub(source, kwargs)
+        else:
+            raise ConfigError(f"source {label}: not a list of readable local files")
+
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise ConfigError(f"source {label}: expected a Dataset or DatasetDict, got {type(loaded).__name__}")
+    if "train" not in loaded:
+        raise ConfigError(f"source {label} has no 'train' split; it has {', '.join(loaded) or 'no splits'}")
+
+    if columns:
+        loaded = _map_columns(loaded, columns, label)
+    loaded = _encode_labels(loaded)
+    return _ensure_validation(loaded, validation_fraction, seed, label)
+
+
+def _describe(source) -> str:
+    return repr(source) if isinstance(source, str) else repr(list(source))
+
+
+# --- catalog -----------------------------------------------------------------------------------
+
+
+def _catalog_dataset(source):
+    """The catalog's copy of ``source``, or None when the name is not a catalog dataset."""
+    if not isinstance(source, str):
+        return None
+    try:
+        # Imported here: the catalog pulls in package readers the file and Hub paths never need.
+        from fedlora import assets
+    except ImportError:
+        return None
+    if not assets.is_catalog_dataset(source):
+        return None
+    return assets.load_dataset(source)
+
+
+def _catalog_suggestions(name: str) -> str:
+    """A ' Did you mean ...?' hint from the catalog, or '' when it has none to offer."""
+    try:
+        from fedlora import assets
+    except ImportError:
+        return ""
+    try:
+        close = list(assets.suggest(name))
+    except Exception:  # the hint must never mask the real error
+        return ""
+    return f" Closest catalog datasets: {', '.join(close)}." if close else ""
+
+
+# --- local files -------------------------------------------------------------------------------
+
+
+def _extension(path: str) -> str:
+    """The data extension of ``path``, ignoring a compression suffix: "a.csv.gz" -> ".csv"."""
+    name = path.lower()
+    for suffix in _COMPRESSION:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return os.path.splitext(name)[1]
+
+
+def _builder_for(path: str) -> str | None:
+    return BUILDERS.get(_extension(path))
+
+
+def _local_files(source, data_files):
+    """``(builder, data_files)`` when the source is local files, else None."""
+    if data_files is not None:
+        files = data_files
+        flat = [f for v in data_files.values() for f in _as_list(v)] if isinstance(data_files, Mapping) else _as_list(data_files)
+        if isinstance(source, str) and source.lower() in ("csv", "tsv", "json", "jsonl", "parquet"):
+            builder = {"tsv": "csv", "jsonl": "json"}.get(source.lower(), source.lower())
+        else:
+            builder = _common_builder(flat, _describe(data_files))
+    elif isinstance(source, str) and os.path.isdir(source):
+        files = sorted(str(p) for p in Path(source).iterdir() if p.is_file() and _builder_for(p.name))
+        if not files:
+            raise ConfigError(f"directory {source!r} holds no {', '.join(sorted(BUILDERS))} files")
+        flat = files
+        builder = _common_builder(files, repr(source))
+    else:
+        flat = _as_list(source)
+        if not flat or not all(_builder_for(f) for f in flat):
+            if not isinstance(source, str) or os.path.isfile(source):
+                bad = [f for f in flat if not _builder_for(f)]
+                raise ConfigError(f"data files {bad} have no known extension ({', '.join(sorted(BUILDERS))})")
+            return None
+        files = flat
+        builder = _common_builder(flat, _describe(source))
+    for f in flat:
+        if not any(c in f for c in "*?[") and "://" not in f and not os.path.exists(f):
+            raise ConfigError(f"data file {f!r} does not exist")
+    if builder == "csv" and all(_extension(f) == ".tsv" for f in flat):
+        builder = ("csv", {"sep": "\t"})
+    return builder, files
+
+
+def _as_list(files) -> list[str]:
+    if isinstance(files, (str, os.PathLike)):
+        return [os.fspath(files)]
+    return [os.fspath(f) for f in files]
+
+
+def _common_builder(files: list[str], label: str) -> str:
+    builders = {_builder_for(f) for f in files}
+    if None in builders:
+        bad = [f for f in files if _builder_for(f) is None]
+        raise ConfigError(f"data files {bad} have no known extension ({', '.join(sorted(BUILDERS))})")
+    if len(builders) != 1:
+        raise ConfigError(f"data files {label} mix formats ({', '.join(sorted(builders))}); use one format")
+    return builders.pop()
+
+
+def _load_files(builder, files, label: str, kwargs: dict) -> datasets.DatasetDict:
+    options = dict(kwargs)
+    if isinstance(builder, tuple):
+        builder, extra = builder
+        options.update(extra)
+    try:
+        return datasets.load_dataset(builder, data_files=files, **options)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        raise ConfigError(f"could not read {builder} files {label}: {e}") from e
+
+
+# --- Hub ---------------------------------------------------------------------------------------
+
+
+def _hub_candidates(source: str) -> list[tuple[str, str | None]]:
+    """The (path, config) readings of a Hub source name, most likely first."""
+    if ":" in source and "://" not in source:
+        path, config = source.rsplit(":", 1)
+        return [(path, config or None)]
+    parts = source.split("/")
+    if len(parts) == 2:
+        # "glue/sst2" is a path plus config by convention; "owner/name" is a repo id. Try both.
+        return [(parts[0], parts[1]), (source, None)]
+    if len(parts) == 3:
+        return [("/".join(parts[:2]), parts[2])]
+    return [(source, None)]
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hub endpoint accepts a TCP connection within ``timeout`` seconds.
+
+    False at once in offline mode (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``).
+    """
+    if datasets.config.HF_HUB_OFFLINE:
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_mode() -> Iterator[None]:
+    """Run ``datasets`` in offline mode (cache only) without touching the environment for good.
+
+    Both libraries read the flag from module constants at call time, so flipping them is enough
+    and avoids ``datasets``' network retries.
+    """
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def _load_hub(source: str, kwargs: dict) -> datasets.DatasetDict:
+    online = hub_reachable()
+    context = contextlib.nullcontext() if online else _offline_mode()
+    errors = []
+    with context:
+        for path, config in _hub_candidates(source):
+            try:
+                return datasets.load_dataset(path, config, **kwargs)
+            except (OSError, ValueError) as e:  # ConnectionError and DatasetNotFoundError are OSErrors
+                errors.append(f"{path}" + (f" (config {config})" if config else "") + f": {e}")
+    where = "the Hub" if online else "the local cache (the Hub is unreachable or offline mode is on)"
+    hint = _catalog_suggestions(source)
+    raise ConfigError(
+        f"dataset {source!r} is not a catalog dataset, a local file, or a dataset found in {where}."
+        f"{hint} Tried: {'; '.join(errors)}"
+    )
+
+
+# --- columns, labels, splits -------------------------------------------------------------------
+
+
+def _map_columns(dd: datasets.DatasetDict, columns: Mapping[str, str], label: str) -> datasets.DatasetDict:
+    """Rename source columns to standard names; unknown source columns raise ConfigError."""
+    sources = list(columns.values())
+    repeated = sorted({c for c in sources if sources.count(c) > 1})
+    if repeated:
+        raise ConfigError(f"columns: source column(s) {repeated} mapped to more than one name")
+    out = {}
+    for split, ds in dd.items():
+        available = ds.column_names
+        for standard, column in columns.items():
+            if column not in available:
+                close = difflib.get_close_matches(column, available, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(
+                    f"columns.{standard}: column {column!r} is not in source {label} split {split!r}{hint}; "
+                    f"available columns: {', '.join(available)}"
+                )
+        renames = {src: std for std, src in columns.items() if src != std}
+        # A standard name that already exists as some other, unmapped column is shadowed by the
+        # mapping: drop it so the rename cannot collide.
+        shadowed = [std for std in renames.values() if std in available and std not in renames]
+        ds = ds.remove_columns(shadowed) if shadowed else ds
+        out[split] = ds.rename_columns(renames) if renames else ds
+    return datasets.DatasetDict(out)
+
+
+def _encode_labels(dd: datasets.DatasetDict) -> datasets.DatasetDict:
+    """Make a string or non-negative integer ``label`` column a ClassLabel shared by all splits."""
+    if not all("label" in ds.column_names for ds in dd.values()):
+        return dd
+    features = [ds.features["label"] for ds in dd.values()]
+    if all(isinstance(f, datasets.ClassLabel) for f in features):
+        return dd
+    dtypes = {getattr(f, "dtype", None) for f in features}
+    values = set()
+    for ds in dd.values():
+        values.update(v for v in ds.unique("label") if v is not None)
+    if dtypes <= {"string", "large_string"}:
+        feature = datasets.ClassLabel(names=sorted(values))
+    elif dtypes and all(str(d).startswith(("int", "uint")) for d in dtypes) and values and min(values) >= 0:
+        feature = datasets.ClassLabel(num_classes=int(max(values)) + 1)
+    else:
+        return dd  # floats (regression), booleans, lists: leave to the task
+    return datasets.DatasetDict({split: ds.cast_column("label", feature) for split, ds in dd.items()})
+
+
+def _has_labels(ds: datasets.Dataset) -> bool:
+    if "label" not in ds.column_names or len(ds) == 0:
+        return len(ds) > 0
+    return any(v != -1 for v in ds.unique("label"))
+
+
+def _ensure_validation(dd: datasets.DatasetDict, fraction: float, seed: int, label: str) -> datasets.DatasetDict:
+    """Add a "validation" split (see ``load_source``) if the source has none."""
+    if "validation" in dd:
+        return dd
+    out = dict(dd)
+    for name in VALIDATION_FALLBACKS:
+        if name in dd and _has_labels(dd[name]):
+            out["validation"] = dd[name]
+            return datasets.DatasetDict(out)
+    train = dd["train"]
+    if len(train) < 2:
+        raise ConfigError(f"source {label}: 'train' has {len(train)} example(s); cannot carve a validation split")
+    stratify = "label" if isinstance(train.features.get("label"), datasets.ClassLabel) else None
+    try:
+        split = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
+    except ValueError:
+        # Stratification needs >= 2 examples per class (and a test size >= the class count).
+        split = train.train_test_split(test_size=fraction, seed=seed)
+    out["train"], out["validation"] = split["train"], split["test"]
+    return datasets.DatasetDict(out)
