@@ -23,7 +23,8 @@ from fedlora.strategies.ffa import seeded_kaiming_A
 from fedlora.strategies.registry import register
 
 
-def client_terms(updates: Sequence[ClientUpdate], weights: Tensor, layer: str) -> tuple[list[Tensor], list[Tensor], list[float]]:
+def client_terms(updates: Sequence[ClientUpdate], weights: Tensor,
+                 layer: str) -> tuple[list[Tensor], list[Tensor], list[float]]:
     """(B_k, A_k, p_k·s_k) for one layer: the terms of the exact update Σ_k p_k s_k B_k A_k.
 
     Each client's own scaling s_k is used, since clients of different ranks train with different

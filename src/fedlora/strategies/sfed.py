@@ -10,6 +10,8 @@ both N and r. Only the scaling changes: the framework is FedSA-LoRA (A shared, B
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from fedlora.errors import ConfigError
 from fedlora.strategies.base import ClientContext, ClientUpdate, GlobalState
 from fedlora.strategies.fedsa import FedSA
@@ -55,7 +57,7 @@ class SFed(FedSA):
             raise ConfigError(f"client {ctx.client_id}: sfed needs N ≥ 1 clients (n={self.n!r}), got {N}")
         return ctx.alpha * (N / rank) ** 0.5
 
-    def _aggregate(self, updates: list[ClientUpdate], weights, state: GlobalState) -> GlobalState:
+    def _aggregate(self, updates: list[ClientUpdate], weights: Tensor, state: GlobalState) -> GlobalState:
         new = super()._aggregate(updates, weights, state)
         scales = {u.scaling for u in updates}
         if len(scales) == 1:  # the γ this round's clients used; mixed values leave it as it was
