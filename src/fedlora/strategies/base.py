@@ -116,6 +116,10 @@ class Strategy:
         """Which factors train this round: a subset of {"A", "B"}. Extras train unless frozen by the engine."""
         return frozenset({"A", "B"})
 
+    def trains_extras(self, round: int) -> bool:
+        """Whether the extras (e.g. a classifier head) train this round. True unless a strategy freezes them."""
+        return True
+
     def scaling(self, ctx: ClientContext, rank: int) -> float:
         """The LoRA scaling for a client of rank ``rank``: PEFT's lora_alpha / r by default."""
         return ctx.alpha / rank
