@@ -30,6 +30,8 @@ BUILDERS = {
     ".parquet": "parquet",
 }
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+# Format names accepted as ``source`` alongside ``data_files``.
+FORMATS = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
 # Splits that stand in for a missing "validation" split, in order of preference.
 VALIDATION_FALLBACKS = ("validation_matched", "test")
 # How long the reachability probe waits before treating the Hub as offline. `datasets` itself
@@ -38,7 +40,7 @@ HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def load_source(
-    source: str | Sequence[str],
+    source: str | os.PathLike | Sequence[str],
     *,
     data_files: str | list[str] | Mapping[str, str | list[str]] | None = None,
     columns: Mapping[str, str] | None = None,
@@ -79,20 +81,16 @@ def load_source(
     if not 0.0 < validation_fraction < 1.0:
         raise ConfigError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
     kwargs = {"cache_dir": os.fspath(cache_dir)} if cache_dir is not None else {}
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     label = _describe(source)
 
     catalog = None if data_files is not None else _catalog_dataset(source)
     if catalog is not None:
         loaded = catalog
     else:
-        files = _local_files(source, data_files)
-        if files is not None:
-            builder, files = files
-            loaded = _load_files(builder, files, label, kwargs)
-        elif isinstance(source, str):
-            loaded = _load_hub(source, kwargs)
-        else:
-            raise ConfigError(f"source {label}: not a list of readable local files")
+        files = _local_files(source, data_files)  # None only for a str that names no file
+        loaded = _load_hub(source, kwargs) if files is None else _load_files(*files, label, kwargs)
 
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
@@ -158,61 +156,55 @@ def _builder_for(path: str) -> str | None:
     return BUILDERS.get(_extension(path))
 
 
-def _local_files(source, data_files):
-    """``(builder, data_files)`` when the source is local files, else None."""
+def _local_files(source, data_files) -> tuple[str, object, dict] | None:
+    """``(builder, data_files, builder options)`` when the source is local files, else None."""
     if data_files is not None:
         files = data_files
-        flat = [f for v in data_files.values() for f in _as_list(v)] if isinstance(data_files, Mapping) else _as_list(data_files)
-        if isinstance(source, str) and source.lower() in ("csv", "tsv", "json", "jsonl", "parquet"):
-            builder = {"tsv": "csv", "jsonl": "json"}.get(source.lower(), source.lower())
+        if isinstance(data_files, Mapping):
+            flat = [f for v in data_files.values() for f in _as_list(v)]
         else:
-            builder = _common_builder(flat, _describe(data_files))
+            flat = files = _as_list(data_files)
+        fmt = source.lower() if isinstance(source, str) else None
+        builder = FORMATS.get(fmt) or _common_builder(flat, _describe(data_files))
     elif isinstance(source, str) and os.path.isdir(source):
-        files = sorted(str(p) for p in Path(source).iterdir() if p.is_file() and _builder_for(p.name))
-        if not files:
+        flat = files = sorted(str(p) for p in Path(source).iterdir() if p.is_file() and _builder_for(p.name))
+        if not flat:
             raise ConfigError(f"directory {source!r} holds no {', '.join(sorted(BUILDERS))} files")
-        flat = files
-        builder = _common_builder(files, repr(source))
+        builder = _common_builder(flat, repr(source))
     else:
-        flat = _as_list(source)
-        if not flat or not all(_builder_for(f) for f in flat):
-            if not isinstance(source, str) or os.path.isfile(source):
-                bad = [f for f in flat if not _builder_for(f)]
-                raise ConfigError(f"data files {bad} have no known extension ({', '.join(sorted(BUILDERS))})")
+        flat = files = _as_list(source)
+        # A string that is neither an existing file nor named like one is left to the Hub.
+        if isinstance(source, str) and not _builder_for(source) and not os.path.isfile(source):
             return None
-        files = flat
         builder = _common_builder(flat, _describe(source))
     for f in flat:
         if not any(c in f for c in "*?[") and "://" not in f and not os.path.exists(f):
             raise ConfigError(f"data file {f!r} does not exist")
-    if builder == "csv" and all(_extension(f) == ".tsv" for f in flat):
-        builder = ("csv", {"sep": "\t"})
-    return builder, files
+    tsv = builder == "csv" and all(_extension(f) == ".tsv" for f in flat)
+    return builder, files, {"sep": "\t"} if tsv else {}
 
 
 def _as_list(files) -> list[str]:
     if isinstance(files, (str, os.PathLike)):
-        return [os.fspath(files)]
-    return [os.fspath(f) for f in files]
+        return [os.path.expanduser(os.fspath(files))]
+    return [os.path.expanduser(os.fspath(f)) for f in files]
 
 
 def _common_builder(files: list[str], label: str) -> str:
-    builders = {_builder_for(f) for f in files}
-    if None in builders:
-        bad = [f for f in files if _builder_for(f) is None]
+    if not files:
+        raise ConfigError("no data files given")
+    bad = [f for f in files if _builder_for(f) is None]
+    if bad:
         raise ConfigError(f"data files {bad} have no known extension ({', '.join(sorted(BUILDERS))})")
+    builders = {_builder_for(f) for f in files}
     if len(builders) != 1:
         raise ConfigError(f"data files {label} mix formats ({', '.join(sorted(builders))}); use one format")
     return builders.pop()
 
 
-def _load_files(builder, files, label: str, kwargs: dict) -> datasets.DatasetDict:
-    options = dict(kwargs)
-    if isinstance(builder, tuple):
-        builder, extra = builder
-        options.update(extra)
+def _load_files(builder: str, files, options: dict, label: str, kwargs: dict) -> datasets.DatasetDict:
     try:
-        return datasets.load_dataset(builder, data_files=files, **options)
+        return datasets.load_dataset(builder, data_files=files, **options, **kwargs)
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
         raise ConfigError(f"could not read {builder} files {label}: {e}") from e
 
