@@ -101,6 +101,9 @@ def test_pathological_gives_exactly_k_values_per_client_and_covers_all(k):
     held = [set(y[p].tolist()) for p in parts]
     assert all(len(h) == k for h in held)
     assert set().union(*held) == set(range(6))
+    # Values are dealt evenly: each goes to floor(Nk/C) or ceil(Nk/C) clients.
+    holders = Counter(v for h in held for v in h)
+    assert set(holders.values()) <= {8 * k // 6, -(-8 * k // 6)}
 
 
 def test_pathological_rejects_impossible_settings():
