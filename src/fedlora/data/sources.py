@@ -127,7 +127,7 @@ def _catalog_dataset(source):
 
 
 def _catalog_suggestions(name: str) -> str:
-    """A ' Did you mean ...?' hint from the catalog, or '' when it has none to offer."""
+    """A ' Closest catalog datasets: ...' hint, or '' when the catalog has none to offer."""
     try:
         from fedlora import assets
     except ImportError:
