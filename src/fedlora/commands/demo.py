@@ -40,6 +40,10 @@ def _targets(args, g):
         for _ in range(args.clients)]
 
 
+class Diverged(RuntimeError):
+    """Local training produced a non-finite loss (e.g. too large a scaling for the demo's step size)."""
+
+
 def _local_train(strategy, start, personal_ref, target, base, scaling, rnd, steps=15, lr=0.5):
     """SGD on the relative error to the client's target, over the strategy's trainable factors."""
     trainable = strategy.trainable(rnd)
@@ -54,6 +58,8 @@ def _local_train(strategy, start, personal_ref, target, base, scaling, rnd, step
         reg = strategy.regularizer(live, personal_ref, scaling)
         if reg is not None:
             loss = loss + reg
+        if not torch.isfinite(loss):
+            raise Diverged(f"local training diverged in round {rnd} (scaling {scaling:.3g})")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -114,7 +120,11 @@ def run_demo(args) -> int:
     table = Table("strategy", "mean rel. aggregation error", "global gap to mean target", "upload MB", "s")
     for name in names:
         t0 = time.perf_counter()
-        res = simulate(name, args)
+        try:
+            res = simulate(name, args)
+        except Diverged as e:
+            table.add_row(name, "[red]diverged[/]", str(e), "", f"{time.perf_counter() - t0:.1f}")
+            continue
         table.add_row(name, f"{res['agg_error_rel']:.2e}", f"{res['gap']:.3f}", f"{res['up_mb']:.2f}",
                       f"{time.perf_counter() - t0:.1f}")
     console.print(table)
