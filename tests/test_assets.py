@@ -250,7 +250,13 @@ def _corrupt_manifest(path):
     (path / fetch.MANIFEST).write_text("{not json")
 
 
-@pytest.mark.parametrize("corrupt", [_corrupt_missing, _corrupt_size, _corrupt_manifest])
+def _corrupt_manifest_shape(path):
+    manifest = json.loads((path / fetch.MANIFEST).read_text())
+    manifest["files"] = {"config.json": 17}
+    (path / fetch.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_missing, _corrupt_size, _corrupt_manifest, _corrupt_manifest_shape])
 def test_corrupted_entry_is_detected_and_rebuilt(fake, corrupt):
     path = fake.ensure()
     corrupt(path)
@@ -357,6 +363,7 @@ def test_resolve_model_local_folder_and_offline_hub(tmp_path):
 
 def test_resolve_model_connection_error_suggests(monkeypatch):
     import huggingface_hub
+    import huggingface_hub.constants
 
     class ConnectError(Exception):
         pass
@@ -365,6 +372,7 @@ def test_resolve_model_connection_error_suggests(monkeypatch):
         raise ConnectError("[Errno -2] Name or service not known")
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "file_exists", unreachable)
     with pytest.raises(assets.HubUnavailableError, match=r"cannot be reached.*'minilm'"):
         assets.resolve_model("FacebookAI/roberta-large")

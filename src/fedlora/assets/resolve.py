@@ -4,6 +4,7 @@ failure when no hub is reachable."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,8 +20,10 @@ class HubUnavailableError(FedLoRAError):
 
 
 def hub_offline() -> bool:
-    """True if the environment forbids hub access (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
-    return any(
+    """True if hub access is switched off: ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` in the
+    environment now, or huggingface_hub's own flag (read when it was imported, or set by code)."""
+    constants = sys.modules.get("huggingface_hub.constants")
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or any(
         os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
         for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
