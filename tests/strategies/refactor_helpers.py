@@ -1,8 +1,8 @@
 """Shared builders and dense references for the SVD re-factoring strategy tests.
 
-Used by test_flexlora, test_svd, test_subspace, test_fedsvd and test_lorafair. Every reference here
-forms the dense d_out×d_in matrices on purpose (small shapes, float64), independently of the
-factored code under test.
+Used by test_flexlora, test_svd, test_subspace, test_fedsvd and test_lorafair, next to conftest's
+fixtures (``make_adapter``, ``check_bad_input``). Every reference here forms the dense d_out×d_in
+matrices on purpose (small shapes, float64), independently of the factored code under test.
 """
 
 from __future__ import annotations
@@ -16,27 +16,15 @@ from fedlora.errors import AggregationInputError
 from fedlora.factors import Adapter, LoRAPair
 from fedlora.strategies import ClientContext, ClientUpdate, GlobalState, Strategy
 
-LAYERS = {"enc.0.query": (20, 16), "enc.0.value": (24, 12), "enc.1.query": (18, 30)}
-HEAD = "classifier.weight"
-ALPHA = 16.0
+ALPHA = 16.0  # LoRA alpha of every test client (s = α/r)
 
 
-def random_adapter(rank: int, seed: int, layers=LAYERS, dtype=torch.float64, scale: float = 1.0,
-                   zero_b: bool = False) -> Adapter:
-    """Gaussian factors of one rank on every layer, plus a small classifier head."""
-    g = torch.Generator().manual_seed(seed)
-    return Adapter(
-        {n: LoRAPair(scale * torch.randn(rank, d_in, generator=g, dtype=dtype),
-                     torch.zeros(d_out, rank, dtype=dtype) if zero_b
-                     else scale * torch.randn(d_out, rank, generator=g, dtype=dtype))
-         for n, (d_out, d_in) in layers.items()},
-        {HEAD: torch.randn(3, 8, generator=g, dtype=dtype)},
-    )
+def upload_round(strategy: Strategy, state: GlobalState, trained: list[Adapter],
+                 samples: list[int] | None = None) -> list[ClientUpdate]:
+    """The server's view of one round of given trained adapters: each goes through payload → receive.
 
-
-def upload_round(strategy: Strategy, state: GlobalState, trained: list[Adapter], samples: list[int] | None = None,
-                 ranks: list[int | None] | None = None) -> list[ClientUpdate]:
-    """The server's view of one round: each trained adapter goes through payload → receive.
+    Unlike conftest's ``client_side`` (clients that train from ``client_start``), the test chooses
+    every client's factors outright: independent, misaligned, of any rank, or built to an invariant.
 
     Each client's scaling is the strategy's α/r_k for its own rank (so heterogeneous ranks carry
     different scalings, which the effective aggregate must weigh).
@@ -46,10 +34,23 @@ def upload_round(strategy: Strategy, state: GlobalState, trained: list[Adapter],
     for k, adapter in enumerate(trained):
         r = next(iter(adapter.layers.values())).rank
         ctx = ClientContext(client_id=f"c{k}", round=state.round, num_samples=samples[k],
-                            rank=(ranks[k] if ranks else r), alpha=ALPHA)
+                            rank=r, alpha=ALPHA)
         received = strategy.receive(strategy.payload(adapter, state.round), state, state.round)
         updates.append(ClientUpdate(ctx.client_id, received, samples[k], strategy.scaling(ctx, r)))
     return updates
+
+
+def independent_round(strategy: Strategy, make_adapter, samples: list[int], *, rank: int = 4,
+                      trained: list[Adapter] | None = None, round: int = 0):
+    """One aggregated round of independent random float64 clients (misaligned on purpose), or of the
+    given ``trained`` adapters. ``make_adapter`` is conftest's fixture. Returns (state, updates, new
+    state, weights p_k = n_k / Σ n)."""
+    state = strategy.init_state(make_adapter(rank, seed=0, dtype=torch.float64), alpha=ALPHA)
+    state.round = round
+    trained = trained or [make_adapter(rank, seed=k + 1, dtype=torch.float64) for k in range(len(samples))]
+    updates = upload_round(strategy, state, trained, samples)
+    weights = torch.tensor(samples, dtype=torch.float64) / sum(samples)
+    return state, updates, strategy.aggregate(updates, state), weights
 
 
 def dense_pair(pair: LoRAPair) -> torch.Tensor:
@@ -90,23 +91,15 @@ def check_best_rank_r(D: torch.Tensor, got: torch.Tensor, r: int, norm_fixed: bo
         assert math.isclose(float(torch.linalg.matrix_norm(got)), float(S.norm()), rel_tol=1e-9, abs_tol=rtol * scale)
 
 
-def assert_rejects_bad_uploads(strategy: Strategy, rank: int = 4) -> None:
-    """A NaN in one client's upload, or a client with other layer names, raises AggregationInputError
-    naming that client."""
-    state = strategy.init_state(random_adapter(rank, seed=0), alpha=ALPHA)
-    trained = [random_adapter(rank, seed=s) for s in (1, 2, 3)]
-    updates = upload_round(strategy, state, trained)
-    bad = updates[1].adapter.layers["enc.0.value"].B.clone()
-    bad[2, -1] = float("nan")
-    updates[1].adapter.layers["enc.0.value"] = LoRAPair(updates[1].adapter.layers["enc.0.value"].A, bad)
-    with pytest.raises(AggregationInputError, match=r"client c1.*enc\.0\.value.*NaN"):
-        strategy.aggregate(updates, state)
-
-    updates = upload_round(strategy, state, trained)
-    renamed = updates[2].adapter
-    renamed.layers = {("enc.9.query" if n == "enc.1.query" else n): p for n, p in renamed.layers.items()}
-    with pytest.raises(AggregationInputError, match=r"client c2.*layer names differ"):
-        strategy.aggregate(updates, state)
+def assert_rejects_renamed_layer(strategy: Strategy, state: GlobalState, updates: list[ClientUpdate]) -> None:
+    """A client whose layer names differ from the others' is rejected with an AggregationInputError
+    naming that client (conftest's ``check_bad_input`` covers NaN, shapes and weights)."""
+    last = updates[-1].adapter
+    names = list(last.layers)
+    renamed = Adapter({(n + ".renamed" if n == names[-1] else n): p for n, p in last.layers.items()}, last.extras)
+    bad = updates[:-1] + [ClientUpdate(updates[-1].client_id, renamed, updates[-1].num_samples, updates[-1].scaling)]
+    with pytest.raises(AggregationInputError, match=rf"client {updates[-1].client_id}: layer names differ"):
+        strategy.aggregate(bad, state)
 
 
 def record_svd_inputs(monkeypatch) -> list[tuple[int, ...]]:

@@ -18,7 +18,6 @@ import math
 from collections.abc import Sequence
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from fedlora.errors import ConfigError

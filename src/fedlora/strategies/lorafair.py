@@ -52,9 +52,10 @@ def correct_b(ideal: LoRAPair, A_bar: Tensor, B_bar: Tensor, *, lam: float, step
     ``ideal`` is ΔW as stacked factors (A_cat, B_cat). Each step is a gradient step of size ``lr``,
     halved until the objective decreases (at most 40 halvings, then the search stops): the objective
     never rises, so the corrected cosine is at least cos(ΔW, B̄Ā) + λ‖ΔB‖. A zero ΔW or B̄Ā leaves
-    ΔB = 0. Computed in float64. Returns ΔB and {cos_before, cos_after, delta_norm, b_norm}.
+    ΔB = 0. Computed in float64 (float32 on MPS). Returns ΔB and {cos_before, cos_after, delta_norm, b_norm}.
     """
-    dt = torch.float64
+    # float64: the cosine's gradient shrinks as it nears its optimum (MPS has no float64: float32 there)
+    dt = torch.float32 if B_bar.device.type == "mps" else torch.float64
     f = CosineObjective(LoRAPair(ideal.A.to(dt), ideal.B.to(dt)), A_bar.to(dt), B_bar.to(dt), lam)
     delta = torch.zeros_like(f.B_bar)
     before = float(f.cosine(delta))
