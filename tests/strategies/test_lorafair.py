@@ -12,7 +12,7 @@ from fedlora.errors import ConfigError
 from fedlora.factors import LoRAPair
 from fedlora.server_opt import ServerAdam
 from fedlora.strategies import get_strategy
-from fedlora.strategies.lorafair import CosineObjective
+from fedlora.strategies.lorafair import CosineObjective, correct_b
 
 SAMPLES = [20, 50, 30]
 HEAD = "classifier.weight"
@@ -110,3 +110,14 @@ def test_options_declarations_and_bad_uploads(make_adapter, check_bad_input):
     check_bad_input(strategy, state)
     assert_rejects_renamed_layer(strategy, state, upload_round(strategy, state, [make_adapter(4, seed=s, dtype=F64)
                                                                                  for s in (1, 2)]))
+
+
+def test_orthogonal_start_is_still_corrected():
+    """cos(ΔW, B̄Ā) = 0 with both nonzero: the residual must still move toward ΔW."""
+    g = torch.Generator().manual_seed(5)
+    A_bar, B_bar, Y = (torch.randn(*shape, generator=g, dtype=F64) for shape in ((4, 16), (20, 4), (20, 4)))
+    BG = B_bar @ (A_bar @ A_bar.T)
+    X = Y - ((Y * BG).sum() / (BG * BG).sum()) * BG  # ⟨X·Ā, B̄·Ā⟩ = ⟨X, B̄·ĀĀᵀ⟩ = 0
+    delta, report = correct_b(LoRAPair(A_bar, X), A_bar, B_bar, lam=0.01, steps=50, lr=0.5)
+    assert abs(report["cos_before"]) < 1e-12
+    assert cosine(X @ A_bar, (B_bar + delta) @ A_bar) > 0.1

@@ -35,11 +35,15 @@ class CosineObjective:
         self.G = A_bar @ A_bar.T
         self.ideal_norm = ((B_cat.T @ B_cat) * (A_cat @ A_cat.T)).sum().clamp_min(0).sqrt()
 
+    def product_norm(self, delta: Tensor) -> Tensor:
+        """‖(B̄ + ΔB)·Ā‖_F."""
+        Bp = self.B_bar + delta
+        return ((Bp.T @ Bp) * self.G).sum().clamp_min(0).sqrt()
+
     def cosine(self, delta: Tensor) -> Tensor:
         """cos(ΔW, (B̄ + ΔB)·Ā); 0 where either side is zero."""
-        Bp = self.B_bar + delta
-        denom = self.ideal_norm * ((Bp.T @ Bp) * self.G).sum().clamp_min(0).sqrt()
-        return (Bp * self.M).sum() / denom if denom > 0 else denom * 0
+        denom = self.ideal_norm * self.product_norm(delta)
+        return ((self.B_bar + delta) * self.M).sum() / denom if denom > 0 else denom * 0
 
     def __call__(self, delta: Tensor) -> Tensor:
         return -self.cosine(delta) + self.lam * torch.linalg.matrix_norm(delta)
@@ -54,12 +58,13 @@ def correct_b(ideal: LoRAPair, A_bar: Tensor, B_bar: Tensor, *, lam: float, step
     never rises, so the corrected cosine is at least cos(ΔW, B̄Ā) + λ‖ΔB‖. A zero ΔW or B̄Ā leaves
     ΔB = 0. Computed in float64 (float32 on MPS). Returns ΔB and {cos_before, cos_after, delta_norm, b_norm}.
     """
-    # float64: the cosine's gradient shrinks as it nears its optimum (MPS has no float64: float32 there)
+    # float64: near the optimum successive objective values differ by less than float32 resolves,
+    # and the descent test would stall (MPS has no float64: float32 there)
     dt = torch.float32 if B_bar.device.type == "mps" else torch.float64
     f = CosineObjective(LoRAPair(ideal.A.to(dt), ideal.B.to(dt)), A_bar.to(dt), B_bar.to(dt), lam)
     delta = torch.zeros_like(f.B_bar)
     before = float(f.cosine(delta))
-    if f.ideal_norm > 0 and before != 0:
+    if f.ideal_norm > 0 and f.product_norm(delta) > 0:  # otherwise the cosine has no gradient
         step = lr
         for _ in range(steps):
             d = delta.detach().requires_grad_(True)
