@@ -246,7 +246,7 @@ class LowRank(NamedTuple):
         return self.S.norm()
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """At least float32: half-precision factors are aggregated in float32."""
     dt = torch.float32
     for t in tensors:
@@ -259,7 +259,7 @@ def stack_factors(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[
 
     Exact for any ranks per client. Computed in at least float32.
     """
-    dt = _compute_dtype(*Bs, *As)
+    dt = compute_dtype(*Bs, *As)
     w = torch.as_tensor(weights, dtype=dt)
     B_cat = torch.cat([B.to(dt) for B in Bs], dim=1)
     A_cat = torch.cat([wk * A.to(dt) for wk, A in zip(w, As)], dim=0)
@@ -301,7 +301,7 @@ def product_gram(Bs: Sequence[Tensor], As: Sequence[Tensor]) -> Tensor:
     ⟨B_i A_i, B_j A_j⟩ = tr(A_iᵀ B_iᵀ B_j A_j) = tr((B_iᵀ B_j)(A_j A_iᵀ)) = Σ (B_iᵀB_j) ⊙ (A_i A_jᵀ).
     One (Σr)² Gram of each stacked factor, then block sums. Returned in float64.
     """
-    dt = _compute_dtype(*Bs, *As)
+    dt = compute_dtype(*Bs, *As)
     B_cat = torch.cat([B.to(dt) for B in Bs], dim=1)
     A_cat = torch.cat([A.to(dt) for A in As], dim=0)
     H = (B_cat.T @ B_cat) * (A_cat @ A_cat.T)  # elementwise: (B_iᵀB_j)_{ab} (A_i A_jᵀ)_{ab}
@@ -322,7 +322,7 @@ def sum_sq_norm(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[fl
 
 def lowrank_inner(A1: Tensor, B1: Tensor, A2: Tensor, B2: Tensor) -> Tensor:
     """⟨B1·A1, B2·A2⟩_F = tr((B1ᵀB2)(A2A1ᵀ))."""
-    dt = _compute_dtype(A1, B1, A2, B2)
+    dt = compute_dtype(A1, B1, A2, B2)
     return ((B1.to(dt).T @ B2.to(dt)) * (A1.to(dt) @ A2.to(dt).T)).sum()
 
 

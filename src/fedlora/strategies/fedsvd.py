@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fedlora.factors import LowRank, _compute_dtype, lowrank_svd
+from fedlora.factors import LowRank, compute_dtype, lowrank_svd
 from fedlora.strategies._refactor import SVDRefactoring, effective_weights
 from fedlora.strategies.base import ClientUpdate, GlobalState
 from fedlora.strategies.registry import register
@@ -53,7 +53,7 @@ class FedSVD(SVDRefactoring):
         """SVD of (Σ_k p_k s_k B_k)·A_g with the previous global A (never a client's copy of it)."""
         A_g = state.adapter.layers[name].A
         Bs = [u.adapter.layers[name].B for u in updates]
-        dt = _compute_dtype(A_g, *Bs)
+        dt = compute_dtype(A_g, *Bs)
         B_bar = torch.zeros(Bs[0].shape, dtype=dt, device=Bs[0].device)
         for w, B in zip(effective_weights(updates, weights), Bs):
             B_bar.add_(B.to(dt), alpha=w)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.errors import ConfigError
-from fedlora.factors import Adapter, LoRAPair, _compute_dtype, lowrank_svd
+from fedlora.factors import Adapter, LoRAPair, compute_dtype, lowrank_svd
 from fedlora.server_opt import ServerAdam
 from fedlora.strategies._refactor import SVDRefactoring
 from fedlora.strategies.base import ClientContext, GlobalState
@@ -74,6 +74,6 @@ class FlexLoRA(SVDRefactoring):
         """
         if torch.count_nonzero(g.B) == 0 or torch.count_nonzero(g.A) == 0:
             return LoRAPair(g.A[:r].clone(), g.B[:, :r] * rescale)
-        dt = _compute_dtype(g.A, g.B)
+        dt = compute_dtype(g.A, g.B)
         pair = lowrank_svd(g.A.to(dt), g.B.to(dt)).truncate(r).split("left")
         return LoRAPair(pair.A.to(g.A.dtype), (pair.B * rescale).to(g.B.dtype))
