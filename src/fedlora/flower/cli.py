@@ -1,0 +1,117 @@
+"""``fedlora flower sim CONFIG`` (Flower's simulation runtime) and ``fedlora flower app DIR`` (write a
+Flower App directory for ``flwr run`` against a SuperLink). Deployment recipes: docs/flower.md."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+APP_PYPROJECT = """\
+# A Flower App that runs fedlora: `flwr run {dir} <connection> --stream`.
+# Written by `fedlora flower app`; its run config names the fedlora TOML on the SuperLink's machine.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedlora-flower-app"
+version = "0.1.0"
+dependencies = []  # fedlora[flower] is installed on every machine; nothing to install at run time
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedlora"
+
+[tool.flwr.app.components]
+serverapp = "fedlora.flower.serverapp:app"
+clientapp = "fedlora.flower.clientapp:app"
+
+[tool.flwr.app.config]
+config = "{config}"
+overrides = "{overrides}"
+min-replies = {min_replies}
+round-timeout = {round_timeout}
+node-wait = 120.0
+secagg = false
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``flower sim`` and ``flower app`` to the ``fedlora`` command line."""
+    p = sub.add_parser("flower", help="run on Flower (simulation, or a SuperLink with SuperNodes)",
+                       description="Run a fedlora config on Flower. Deployment: see docs/flower.md.")
+    fsub = p.add_subparsers(dest="flower_command", metavar="SUBCOMMAND")
+    s = fsub.add_parser("sim", help="a Flower simulation (Ray), one virtual SuperNode per client")
+    s.add_argument("config", nargs="?", help="TOML config (as for fedlora run)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--min-replies", type=int, default=1, help="valid replies a round needs (default 1)")
+    s.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for replies (default 600)")
+    s.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per ClientApp (default 1)")
+    s.add_argument("--gpus-per-client", type=float, default=0.0, help="Ray GPUs per ClientApp (default 0)")
+    s.set_defaults(func=cmd_sim)
+    a = fsub.add_parser("app", help="write a Flower App directory (pyproject.toml) for `flwr run`")
+    a.add_argument("dir", help="the app directory to write")
+    a.add_argument("--config", required=True, help="fedlora TOML config (path on the SuperLink's machine)")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    a.add_argument("--min-replies", type=int, default=1)
+    a.add_argument("--round-timeout", type=float, default=600.0)
+    a.set_defaults(func=cmd_app)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def write_app(directory: str | Path, config: str | Path, overrides: list[str] = (), min_replies: int = 1,
+              round_timeout: float = 600.0) -> Path:
+    """Write a Flower App directory whose ServerApp/ClientApp are fedlora's; returns its path."""
+    from fedlora.sim.rundir import atomic_write
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    text = APP_PYPROJECT.format(dir=d, config=Path(config).resolve().as_posix(), overrides=";".join(overrides),
+                                min_replies=int(min_replies), round_timeout=float(round_timeout))
+    atomic_write(d / "pyproject.toml", text)
+    return d
+
+
+def run_sim(cfg, options=None, *, faults: dict[int, str] | None = None, cpus_per_client: float = 1.0,
+            gpus_per_client: float = 0.0) -> dict[str, Any]:
+    """Run ``cfg`` under Flower's simulation runtime; returns {"summary", "state", "rows"}."""
+    import os
+
+    from flwr.simulation import run_simulation
+
+    from fedlora.flower.clientapp import make_client_app
+    from fedlora.flower.serverapp import FlowerOptions, make_server_app
+
+    os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+    results: dict[str, Any] = {}
+    cpus = max(1, os.cpu_count() or 1)
+    run_simulation(make_server_app(cfg, options or FlowerOptions(), results), make_client_app(faults),
+                   num_supernodes=cfg.partition.num_clients,
+                   backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+                                   "init_args": {"num_cpus": cpus, "include_dashboard": False,
+                                                 "log_to_driver": False}})
+    if "summary" not in results:
+        from fedlora.errors import FedLoRAError
+
+        raise FedLoRAError("the Flower simulation ended without a result; its log above says why")
+    return results
+
+
+def cmd_sim(args) -> int:
+    from fedlora.config import load_config
+    from fedlora.flower.serverapp import FlowerOptions
+
+    cfg = load_config(args.config, args.overrides)
+    out = run_sim(cfg, FlowerOptions(min_replies=args.min_replies, round_timeout=args.round_timeout),
+                  cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
+    print(f"run directory: {out['summary']['run_dir']}")
+    return 0
+
+
+def cmd_app(args) -> int:
+    d = write_app(args.dir, args.config, args.overrides, args.min_replies, args.round_timeout)
+    print(f"Flower App written to {d}; run it with: flwr run {d} <connection> --stream")
+    return 0

@@ -1,0 +1,223 @@
+"""The fedlora ClientApp: one node's round with the embedded engine's own client code.
+
+Per TRAIN message the node
+
+1. gets the run's :class:`~fedlora.sim.engine.Federation` (task, shared PEFT model, encoded data,
+   partitions) from a per-process cache keyed by the config text: the base model is loaded once per
+   ClientApp process, never per round (Flower's simulation keeps one process per Ray actor; a
+   deployed SuperNode in 1.41 starts one ``flwr-clientapp`` process per message, see docs/flower.md);
+2. rebuilds the round's :class:`~fedlora.strategies.GlobalState` from the message (the parts the
+   strategy broadcasts this round) and its cached copy of the global adapter in ``Context.state``;
+3. brings the shared model's frozen base to its own merged base changes (FedEx, FLoRA) kept in
+   ``Context.state``, merging the new ones the server sent;
+4. trains with :func:`fedlora.sim.engine.client_round` (``client_start`` with its personal state
+   from ``Context.state``, local training, ``before_upload``), and
+5. replies with ``strategy.payload`` as an ArrayRecord, its sample count, scaling, loss and the
+   strategy's ``info``.
+
+Its partition is ``node_config["partition-id"]`` of ``num-partitions``, as Flower assigns them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+from fedlora.factors import Adapter
+from fedlora.flower import records as rec
+from fedlora.strategies import ClientContext, GlobalState
+
+# Context.state keys (per node, persist across rounds within a run)
+STATE_GLOBAL = "fedlora.global"  # the last global adapter this node received, all parts
+STATE_PERSONAL = "fedlora.personal"  # the strategy's personal_state (FedSA's B)
+STATE_BASE = "fedlora.base"  # Σ of merged base changes, dense per layer (fp32)
+STATE_META = "fedlora.meta"  # {"base-version": deltas merged so far}
+
+
+@dataclass
+class _Cached:
+    """One run's Federation in this process, plus the pristine base weights of its LoRA layers so
+    several virtual nodes (each with its own merged base changes) can share one model."""
+
+    fed: object
+    pristine: dict[str, torch.Tensor]
+    applied: tuple | None = None  # (node key, base version) the model's base weights hold now
+    loads: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+_CACHE: dict[str, _Cached] = {}
+
+
+def config_key(cfg_text: str) -> str:
+    return hashlib.sha256(cfg_text.encode()).hexdigest()
+
+
+def cached_federation(cfg_text: str) -> _Cached:
+    """The Federation for this config, prepared once per process (model, data, partitions)."""
+    key = config_key(cfg_text)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    from fedlora.config import from_dict
+    import tomllib
+
+    from fedlora.sim.engine import prepare
+
+    cfg = from_dict(tomllib.loads(cfg_text)).validate()
+    fed = prepare(cfg, log=lambda *_: None)
+    pristine = {name: m.get_base_layer().weight.detach().clone() for name, m in fed.shared.lora_layers.items()}
+    _CACHE.clear()  # one run per process at a time: drop any previous run's model
+    _CACHE[key] = _Cached(fed, pristine)
+    return _CACHE[key]
+
+
+def partition_of(context: Context, num_clients: int) -> int:
+    """This node's client index from ``node_config`` (``partition-id``, ``num-partitions``)."""
+    nc = context.node_config
+    if "partition-id" not in nc:
+        raise ConfigError("node_config has no 'partition-id': start the SuperNode with "
+                          "--node-config 'partition-id=K num-partitions=N'")
+    k = int(nc["partition-id"])
+    n = int(nc.get("num-partitions", num_clients))
+    if n != num_clients:
+        raise ConfigError(f"node_config num-partitions = {n}, but the run's partition.num_clients = {num_clients}")
+    if not 0 <= k < num_clients:
+        raise ConfigError(f"node_config partition-id = {k}: must be in [0, {num_clients})")
+    return k
+
+
+def _apply_base(cached: _Cached, context: Context, content: RecordDict) -> int:
+    """Bring the shared model's base weights to this node's merged base changes plus the new
+    deltas in the message; returns the node's base version (deltas merged)."""
+    shared = cached.fed.shared
+    meta = context.state.config_records.get(STATE_META, ConfigRecord({"base-version": 0}))
+    version = int(meta["base-version"])
+    merged = rec.record_to_tensors(context.state.array_records[STATE_BASE]) \
+        if STATE_BASE in context.state.array_records else {}
+    node = (context.run_id, context.node_id)
+    if cached.applied != (node, version):  # another node (or nothing) is on the model: rebuild ours
+        with torch.no_grad():
+            for name, module in shared.lora_layers.items():
+                module.get_base_layer().weight.copy_(cached.pristine[name])
+        for layer, dense in merged.items():
+            shared.add_to_base(layer, dense, accumulate=False)
+    cfg = content.config_records[rec.KEY_CONFIG]
+    first, count = int(cfg.get("base-from", 0)), int(cfg.get("base-count", 0))
+    for i in range(first, first + count):
+        if i < version:  # already merged (the server did not see our last reply): never twice
+            continue
+        if i > version:
+            raise ConfigError(f"node {context.node_id}: base delta {i} arrived but {version} is the next one needed")
+        delta = rec.record_to_base_delta(content.array_records[f"{rec.KEY_BASE_DELTA}{i}"])
+        shared.merge_base(delta, accumulate=False)  # the engine's own W₀ += B·A
+        for layer, pair in delta.items():
+            d = (pair.B.float() @ pair.A.float())
+            merged[layer] = d if layer not in merged else merged[layer] + d
+        version += 1
+    if merged:
+        context.state.array_records[STATE_BASE] = rec.tensors_to_record(merged)
+    context.state.config_records[STATE_META] = ConfigRecord({"base-version": version})
+    cached.applied = (node, version)
+    return version
+
+
+def _global_state(context: Context, content: RecordDict) -> GlobalState:
+    """The round's GlobalState: the broadcast parts over this node's cached copy of the rest."""
+    cfg = content.config_records[rec.KEY_CONFIG]
+    tensors = {}
+    if STATE_GLOBAL in context.state.array_records:
+        tensors.update(rec.record_to_tensors(context.state.array_records[STATE_GLOBAL]))
+    elif not bool(cfg.get("full", True)):
+        raise ConfigError(f"node {context.node_id}: the server sent a partial adapter but this node has no "
+                          "cached global adapter")
+    tensors.update(rec.record_to_tensors(content.array_records[rec.KEY_GLOBAL]))
+    context.state.array_records[STATE_GLOBAL] = rec.tensors_to_record(tensors)
+    return GlobalState(adapter=Adapter.from_state_dict(tensors), round=int(cfg["round"]), scaling=float(cfg["scaling"]),
+                       info=rec.from_json(str(cfg.get("state-info", ""))))
+
+
+def _inject_fault(kind: str, payload: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Test hook: corrupt a reply as a faulty node would (``nan`` values or a ``shape`` mismatch)."""
+    out = {k: v.clone() for k, v in payload.items()}
+    key = next(iter(out))
+    if kind == "nan":
+        out[key].view(-1)[0] = float("nan")
+    elif kind == "shape":
+        out[key] = torch.zeros(out[key].shape[0] + 1, *out[key].shape[1:], dtype=out[key].dtype)
+    elif kind == "exit":
+        os._exit(3)  # a node dying mid-round
+    else:
+        raise ConfigError(f"unknown fault {kind!r}; expected nan, shape or exit")
+    return out
+
+
+def make_client_app(faults: Mapping[int, str] | None = None) -> ClientApp:
+    """The fedlora ClientApp. ``faults`` (tests only) maps a partition id to a fault its replies
+    carry (``"nan"``, ``"shape"``, ``"exit"``); a node's ``node_config["fedlora-fault"]`` does the same
+    in a deployment."""
+    app = ClientApp()
+    faults = dict(faults or {})
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        nc = context.node_config
+        return Message(RecordDict({rec.KEY_NODE: ConfigRecord({
+            "partition-id": int(nc.get("partition-id", -1)), "num-partitions": int(nc.get("num-partitions", -1))})}),
+            reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        content = msg.content
+        cfg_rec = content.config_records[rec.KEY_CONFIG]
+        cached = cached_federation(str(cfg_rec["fedlora-config"]))
+        fed = cached.fed
+        k = partition_of(context, fed.num_clients)
+        state = _global_state(context, content)
+        base_version = _apply_base(cached, context, content)
+        personal = None
+        if STATE_PERSONAL in context.state.array_records:
+            personal = rec.record_to_adapter(context.state.array_records[STATE_PERSONAL])
+        ctx = ClientContext(client_id=k, round=state.round, num_samples=len(fed.client_train[k]),
+                            rank=fed.client_ranks[k], alpha=fed.cfg.lora.alpha,
+                            num_clients=int(cfg_rec["num-sampled"]), total_clients=fed.num_clients,
+                            seed=fed.cfg.run.seed)
+        from fedlora.sim.engine import client_round
+
+        result, adapter, mine, info = client_round(fed, state, personal, ctx)
+        metrics = {"num-examples": ctx.num_samples, "partition-id": k, "rank": ctx.rank or 0,
+                   "steps": result.steps, "base-version": base_version}
+        if adapter is None:  # local training failed (NaN loss): report it, upload nothing
+            return Message(RecordDict({rec.KEY_METRICS: MetricRecord(dict(metrics, failed=1)),
+                                       rec.KEY_INFO: ConfigRecord({"error": result.error or "failed"})}), reply_to=msg)
+        if mine is not None:
+            context.state.array_records[STATE_PERSONAL] = rec.adapter_to_record(mine)
+        payload = fed.strategy.payload(adapter, state.round)
+        fault = faults.get(k) or context.node_config.get("fedlora-fault")
+        if fault:
+            payload = _inject_fault(str(fault), payload)
+        scaling = info.pop("scaling")
+        return Message(RecordDict({
+            rec.KEY_PAYLOAD: rec.tensors_to_record(payload),
+            rec.KEY_METRICS: MetricRecord(dict(metrics, failed=0, scaling=float(scaling), loss=float(result.loss))),
+            rec.KEY_INFO: ConfigRecord({"info": rec.to_json(info, f"client {k} info")}),
+        }), reply_to=msg)
+
+    return app
+
+
+def cached_runs() -> dict[str, RunConfig]:
+    """The configs of the Federations cached in this process (tests check the model is loaded once)."""
+    return {k: c.fed.cfg for k, c in _CACHE.items()}
+
+
+#: The app ``flwr run`` loads (``[tool.flwr.app.components] clientapp``).
+app = make_client_app()

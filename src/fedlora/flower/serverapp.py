@@ -1,0 +1,284 @@
+"""The fedlora ServerApp: the embedded engine's round loop over a Flower :class:`~flwr.serverapp.Grid`.
+
+Each round t (the same steps as ``fedlora.sim.engine.run``):
+
+    sample clients (``engine.sample_clients``, by partition id) → one TRAIN message per sampled
+    node: the config, round, scaling, the global adapter's broadcast parts (all parts to a node
+    that has none cached) and the base-weight changes it has not merged → replies → per reply:
+    ``strategy.receive`` + ``strategy.validate`` (a bad reply is dropped and logged, naming the
+    client) → at least ``min_replies`` left, else the round fails → ``strategy.aggregate`` →
+    ``round_diagnostics`` → ``communication_bytes`` (and the bytes actually sent) → evaluate the
+    global model → one metrics row, checkpoint; at the end the adapter and summary, as ``fedlora run``.
+
+The strategy is driven only through its generic hooks, so every registered strategy runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.config import RunConfig, from_dict, load_config, to_toml
+from fedlora.errors import AggregationInputError, ConfigError, FedLoRAError
+from fedlora.flower import records as rec
+from fedlora.strategies import ClientContext, ClientUpdate, GlobalState
+
+
+class RoundFailedError(FedLoRAError):
+    """Too few valid replies in a round (fewer than the configured minimum)."""
+
+
+@dataclasses.dataclass
+class FlowerOptions:
+    """Flower-side settings (not part of RunConfig).
+
+    min_replies: valid replies a round needs, else it fails (default 1).
+    round_timeout: seconds to wait for a round's replies; missing replies count as failed.
+    node_wait: seconds to wait for all SuperNodes to connect.
+    secagg: aggregate with SecAgg+ (strategies with ``secure_aggregation`` only).
+    """
+
+    min_replies: int = 1
+    round_timeout: float = 600.0
+    node_wait: float = 120.0
+    secagg: bool = False
+
+
+def _nbytes_tensors(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class FlowerServer:
+    """The server half of a fedlora run on Flower. ``run(grid)`` returns the run summary."""
+
+    def __init__(self, cfg: RunConfig, options: FlowerOptions | None = None, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.options = options or FlowerOptions()
+        self.log = log
+        self.cfg_text = to_toml(cfg)  # what every node builds its Federation from
+
+    # ---- nodes ----------------------------------------------------------------------------------
+    def discover(self, grid: Grid, num_clients: int) -> dict[int, int]:
+        """partition id → node id, asking each connected node for its node_config."""
+        deadline = time.monotonic() + self.options.node_wait
+        while True:
+            nodes = list(grid.get_node_ids())
+            if len(nodes) >= num_clients or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if len(nodes) < num_clients:
+            raise ConfigError(f"{len(nodes)} SuperNodes connected within {self.options.node_wait:.0f} s; "
+                              f"partition.num_clients = {num_clients} needs one per partition")
+        msgs = [grid.create_message(RecordDict({}), MessageType.QUERY, n, "discover") for n in nodes]
+        found: dict[int, int] = {}
+        for reply in grid.send_and_receive(msgs, timeout=self.options.node_wait):
+            if reply.has_error():
+                self.log(f"node {reply.metadata.src_node_id}: query failed: {reply.error.reason}")
+                continue
+            pid = int(reply.content.config_records[rec.KEY_NODE]["partition-id"])
+            if pid in found:
+                raise ConfigError(f"nodes {found[pid]} and {reply.metadata.src_node_id} both have partition-id {pid}")
+            found[pid] = reply.metadata.src_node_id
+        missing = sorted(set(range(num_clients)) - set(found))
+        if missing:
+            raise ConfigError(f"no node has partition-id {missing[:5]}; start SuperNodes with "
+                              f"--node-config 'partition-id=K num-partitions={num_clients}'")
+        return found
+
+    # ---- messages -------------------------------------------------------------------------------
+    def train_message(self, grid: Grid, node: int, state: GlobalState, num_sampled: int, full: bool,
+                      deltas: list, known_base: int) -> tuple[Message, int]:
+        """The TRAIN message for one node; returns it and the bytes of adapter + base data in it."""
+        strategy = self.strategy
+        parts = ("A", "B", "extras") if full else strategy.download_parts(state.round)
+        content = RecordDict()
+        glob = rec.adapter_to_record(state.adapter, parts)
+        content.array_records[rec.KEY_GLOBAL] = glob
+        nbytes = rec.record_nbytes(glob)
+        for i in range(known_base, len(deltas)):
+            r = rec.base_delta_to_record(deltas[i])
+            content.array_records[f"{rec.KEY_BASE_DELTA}{i}"] = r
+            nbytes += rec.record_nbytes(r)
+        content.config_records[rec.KEY_CONFIG] = ConfigRecord({
+            "fedlora-config": self.cfg_text, "round": state.round, "scaling": float(state.scaling),
+            "state-info": rec.to_json(state.info, "GlobalState.info"), "num-sampled": num_sampled,
+            "full": bool(full), "base-from": known_base, "base-count": len(deltas) - known_base})
+        return grid.create_message(content, MessageType.TRAIN, node, str(state.round),
+                                   ttl=self.options.round_timeout + 60), nbytes
+
+    def collect(self, replies, state: GlobalState, node_to_pid: dict[int, int]):
+        """Valid ClientUpdates (sorted by client), their contexts and losses, and the failures."""
+        strategy = self.strategy
+        good, failed = [], []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            k = node_to_pid.get(node, f"node {node}")
+            if reply.has_error():
+                failed.append({"client": k, "error": f"Flower error {reply.error.code}: {reply.error.reason}"})
+                continue
+            c = reply.content
+            m = c.metric_records[rec.KEY_METRICS]
+            if int(m["failed"]):
+                failed.append({"client": k, "step": int(m["steps"]), "error": str(c.config_records[rec.KEY_INFO]["error"])})
+                continue
+            try:
+                payload = rec.record_to_tensors(c.array_records[rec.KEY_PAYLOAD])
+                info = rec.from_json(str(c.config_records[rec.KEY_INFO]["info"]))
+                info["scaling"] = float(m["scaling"])
+                upd = ClientUpdate(k, strategy.receive(payload, state, state.round), int(m["num-examples"]),
+                                   float(m["scaling"]), info)
+                strategy.validate([upd], state)  # shapes, NaN/Inf, ranks: this client alone
+            except (AggregationInputError, KeyError, ValueError) as e:
+                self.log(f"round {state.round + 1}: dropping client {k}: {e}")
+                failed.append({"client": k, "error": f"invalid reply: {e}"})
+                continue
+            ctx = ClientContext(client_id=k, round=state.round, num_samples=int(m["num-examples"]),
+                                rank=int(m["rank"]) or None, alpha=self.cfg.lora.alpha, total_clients=self.num_clients,
+                                seed=self.cfg.run.seed)
+            good.append((k, upd, ctx, float(m["loss"]), rec.record_nbytes(c.array_records[rec.KEY_PAYLOAD]), node,
+                         int(m["base-version"])))
+        good.sort(key=lambda g: g[0])  # the engine's order: sampled clients in increasing id
+        return good, failed
+
+    # ---- the run --------------------------------------------------------------------------------
+    def run(self, grid: Grid) -> dict[str, Any]:
+        """Run ``cfg.train.rounds`` rounds on the nodes of ``grid``; returns the summary."""
+        from fedlora.diagnostics import communication_bytes, round_diagnostics
+        from fedlora.sim.engine import evaluate, finish, prepare, round_line, sample_clients
+        from fedlora.sim.rundir import RunDir
+
+        t_start = time.perf_counter()
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)  # the initial adapter (PEFT's init) is a function of the seed
+        server_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, personalised=False))
+        fed = prepare(server_cfg, self.log)  # the global model for evaluation; checks every input first
+        self.strategy, self.num_clients = fed.strategy, fed.num_clients
+        strategy, seed = fed.strategy, cfg.run.seed
+        if self.options.secagg and not strategy.secure_aggregation:
+            raise ConfigError(f"strategy {strategy.name!r} cannot run under SecAgg+: its server needs the individual "
+                              "uploads (not only their weighted sum), so masking would hide what it needs")
+        if self.options.secagg:
+            raise ConfigError("SecAgg+ is not wired into the fedlora ServerApp yet (see docs/flower.md)")
+        state = strategy.init_state(fed.shared.initial_adapter(), alpha=cfg.lora.alpha, seed=seed)
+        pid_to_node = self.discover(grid, fed.num_clients)
+        node_to_pid = {n: k for k, n in pid_to_node.items()}
+        self.log(f"{len(pid_to_node)} nodes: " + ", ".join(f"{k}→{n}" for k, n in sorted(pid_to_node.items())))
+        rundir = RunDir.create(cfg)
+        rundir.write_json("partition.json", fed.partition_summary)
+        has_global: set[int] = set()  # nodes holding a full copy of the global adapter
+        known_base: dict[int, int] = {}  # node → base deltas it has merged (from its last reply)
+        deltas: list = []  # every aggregation's base change, in order
+        self.rows = []
+        while state.round < cfg.train.rounds:
+            t = state.round
+            t0 = time.perf_counter()
+            sampled = sample_clients(seed, t, fed.num_clients, cfg.train)
+            msgs, sent = [], {}
+            for k in sampled:
+                node = pid_to_node[k]
+                msg, nbytes = self.train_message(grid, node, state, len(sampled), node not in has_global, deltas,
+                                                 known_base.get(node, 0))
+                msgs.append(msg)
+                sent[k] = nbytes
+            replies = list(grid.send_and_receive(msgs, timeout=self.options.round_timeout))
+            good, failed = self.collect(replies, state, node_to_pid)
+            answered = {node_to_pid.get(r.metadata.src_node_id) for r in replies}
+            failed += [{"client": k, "error": "no reply within the round timeout"} for k in sampled if k not in answered]
+            for k, _, _, _, _, node, version in good:
+                has_global.add(node)
+                known_base[node] = version
+            if len(good) < self.options.min_replies:
+                raise RoundFailedError(
+                    f"round {t + 1}: {len(good)} valid replies of {len(sampled)} sampled, fewer than the minimum "
+                    f"{self.options.min_replies}; failures: {failed}")
+            for f in failed:
+                self.log(f"round {t + 1}: client {f['client']} failed: {f['error']}")
+            t_train = time.perf_counter() - t0
+            updates = [g[1] for g in good]
+            contexts = [dataclasses.replace(g[2], num_clients=len(sampled)) for g in good]
+            previous = state
+            state = strategy.aggregate(updates, state)
+            if state.base_delta:
+                fed.shared.merge_base(state.base_delta)
+                deltas.append(state.base_delta)
+            diag = round_diagnostics(updates, strategy.weights(updates), state,
+                                     personalised=any(strategy.personal_state(u.adapter) is not None for u in updates))
+            comm = communication_bytes(strategy, previous, updates, contexts)
+            evaluation, t_eval = None, 0.0
+            if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds:
+                t1 = time.perf_counter()
+                evaluation = evaluate(fed, state, {})
+                t_eval = time.perf_counter() - t1
+            losses = {g[0]: g[3] for g in good}
+            w = np.array([g[1].num_samples for g in good], dtype=float)
+            row = {
+                "round": t, "clients": sampled, "failed": failed,
+                "train_loss": float(np.dot(w, list(losses.values())) / w.sum()),
+                "client_loss": {str(k): v for k, v in losses.items()},
+                "eval": evaluation, "diagnostics": diag.to_dict(),
+                "bytes_up": comm["bytes_up_total"], "bytes_down": comm["bytes_down_total"],
+                "bytes_up_sent": sum(g[4] for g in good), "bytes_down_sent": sum(sent[g[0]] for g in good),
+                "train_s": t_train, "eval_s": t_eval, "wall_s": time.perf_counter() - t0,
+            }
+            rundir.append_metrics(row)
+            rundir.save_checkpoint(state, {}, fed.shared.base_merged, {"seed": seed})
+            self.rows.append(row)
+            self.log(round_line(row, cfg.train.rounds).replace("[red]", "").replace("[/]", ""))
+        self.state = state
+        summary = finish(fed, rundir, state, dict(fed.shared.base_merged), "completed", time.perf_counter() - t_start)
+        summary["engine"] = "flower"
+        rundir.write_json("summary.json", summary)
+        return summary
+
+
+def config_from_run_config(run_config: dict) -> tuple[RunConfig, FlowerOptions]:
+    """RunConfig and options from a Flower run config (``[tool.flwr.app.config]`` / ``--run-config``):
+    ``config`` (a TOML file on the server) or ``config-toml`` (its text), ``overrides`` (``;``-separated
+    ``key=value``), ``min-replies``, ``round-timeout``, ``node-wait``, ``secagg``."""
+    import tomllib
+
+    overrides = [s.strip() for s in str(run_config.get("overrides", "")).split(";") if s.strip()]
+    if run_config.get("config-toml"):
+        from fedlora.config import apply_overrides
+
+        cfg = from_dict(apply_overrides(tomllib.loads(str(run_config["config-toml"])), overrides)).validate()
+    else:
+        path = str(run_config.get("config", "")) or None
+        cfg = load_config(path, overrides)
+    opts = FlowerOptions(min_replies=int(run_config.get("min-replies", 1)),
+                         round_timeout=float(run_config.get("round-timeout", 600.0)),
+                         node_wait=float(run_config.get("node-wait", 120.0)),
+                         secagg=bool(run_config.get("secagg", False)))
+    return cfg, opts
+
+
+def make_server_app(cfg: RunConfig | None = None, options: FlowerOptions | None = None,
+                    results: dict | None = None) -> ServerApp:
+    """The fedlora ServerApp. With ``cfg`` it runs that config (``fedlora flower sim``); without, it
+    reads the config from the Flower run config (a deployment). ``results`` (optional) receives the
+    summary and final GlobalState."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if cfg is None:
+            run_cfg, opts = config_from_run_config(dict(context.run_config))
+        else:
+            run_cfg, opts = cfg, options or FlowerOptions()
+        server = FlowerServer(run_cfg, opts)
+        summary = server.run(grid)
+        if results is not None:
+            results.update(summary=summary, state=server.state, rows=server.rows)
+
+    return app
+
+
+#: The app ``flwr run`` loads (``[tool.flwr.app.components] serverapp``).
+app = make_server_app()
