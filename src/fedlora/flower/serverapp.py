@@ -76,7 +76,7 @@ class FlowerServer:
         if len(nodes) < num_clients:
             raise ConfigError(f"{len(nodes)} SuperNodes connected within {self.options.node_wait:.0f} s; "
                               f"partition.num_clients = {num_clients} needs one per partition")
-        msgs = [grid.create_message(RecordDict({}), MessageType.QUERY, n, "discover") for n in nodes]
+        msgs = [Message(RecordDict({}), n, MessageType.QUERY, group_id="discover") for n in nodes]
         found: dict[int, int] = {}
         for reply in grid.send_and_receive(msgs, timeout=self.options.node_wait):
             if reply.has_error():
@@ -93,7 +93,7 @@ class FlowerServer:
         return found
 
     # ---- messages -------------------------------------------------------------------------------
-    def train_message(self, grid: Grid, node: int, state: GlobalState, num_sampled: int, full: bool,
+    def train_message(self, node: int, state: GlobalState, num_sampled: int, full: bool,
                       deltas: list, known_base: int) -> tuple[Message, int]:
         """The TRAIN message for one node; returns it and the bytes of adapter + base data in it."""
         strategy = self.strategy
@@ -110,8 +110,8 @@ class FlowerServer:
             "fedlora-config": self.cfg_text, "round": state.round, "scaling": float(state.scaling),
             "state-info": rec.to_json(state.info, "GlobalState.info"), "num-sampled": num_sampled,
             "full": bool(full), "base-from": known_base, "base-count": len(deltas) - known_base})
-        return grid.create_message(content, MessageType.TRAIN, node, str(state.round),
-                                   ttl=self.options.round_timeout + 60), nbytes
+        return Message(content, node, MessageType.TRAIN, group_id=str(state.round),
+                       ttl=self.options.round_timeout + 60), nbytes
 
     def collect(self, replies, state: GlobalState, node_to_pid: dict[int, int]):
         """Valid ClientUpdates (sorted by client), their contexts and losses, and the failures."""
@@ -183,7 +183,7 @@ class FlowerServer:
             msgs, sent = [], {}
             for k in sampled:
                 node = pid_to_node[k]
-                msg, nbytes = self.train_message(grid, node, state, len(sampled), node not in has_global, deltas,
+                msg, nbytes = self.train_message(node, state, len(sampled), node not in has_global, deltas,
                                                  known_base.get(node, 0))
                 msgs.append(msg)
                 sent[k] = nbytes
