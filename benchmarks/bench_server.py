@@ -75,29 +75,41 @@ def run_cap(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def timed(fn: Callable[[], object], repeats: int, cell_budget: float, cap: float) -> dict:
-    """Median (and min) seconds of ``fn`` over up to ``repeats`` runs after one warm-up.
+def timed(fns: dict[str, Callable[[], object]], repeats: dict[str, int], cell_budget: float,
+          cap: float) -> dict[str, dict]:
+    """Median (and min) seconds of each function over up to ``repeats[name]`` runs after one warm-up.
 
-    The warm-up's time sets how many runs fit in ``cell_budget`` seconds (at least one). If the
-    warm-up alone exceeds the budget, it is the only measurement (``runs`` = 0 says so). A warm-up
-    stopped at ``cap`` seconds gives ``{"over_s": cap}`` and no time.
+    The functions' runs alternate (a, b, a, b, …), so a burst of load from other processes falls on
+    both sides of a ratio alike. Each warm-up's time sets how many of its runs fit in ``cell_budget``
+    seconds (at least one); a function whose warm-up alone exceeds the budget keeps that one time
+    (``runs`` = 0 says so); a warm-up stopped at ``cap`` seconds gives ``{"over_s": cap}``.
     """
-    t0 = time.perf_counter()
-    try:
-        with run_cap(cap):
-            fn()
-    except RunTooLong:
-        return {"over_s": cap, "runs": 0, "note": f"stopped after {cap} s"}
-    warm = time.perf_counter() - t0
-    if warm > cell_budget:
-        return {"median_s": warm, "min_s": warm, "runs": 0, "note": "warm-up only (over the cell budget)"}
-    n = max(1, min(repeats, int(cell_budget / max(warm, 1e-9))))
-    times = []
-    for _ in range(n):
+    out: dict[str, dict] = {}
+    todo: dict[str, int] = {}
+    for name, fn in fns.items():
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "runs": n}
+        try:
+            with run_cap(cap):
+                fn()
+        except RunTooLong:
+            out[name] = {"over_s": cap, "runs": 0, "note": f"stopped after {cap} s"}
+            continue
+        warm = time.perf_counter() - t0
+        if warm > cell_budget:
+            out[name] = {"median_s": warm, "min_s": warm, "runs": 0, "note": "warm-up only (over the cell budget)"}
+        else:
+            todo[name] = max(1, min(repeats[name], int(cell_budget / max(warm, 1e-9))))
+    times: dict[str, list[float]] = {name: [] for name in todo}
+    while todo:
+        for name in list(todo):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+            if len(times[name]) == todo[name]:
+                del todo[name]
+    for name, ts in times.items():
+        out[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "runs": len(ts)}
+    return out
 
 
 def random_adapter(layers: int, d: int, r: int, g: torch.Generator) -> Adapter:
@@ -127,8 +139,9 @@ class Run:
             return True
         return False
 
-    def time(self, fn: Callable[[], object], repeats: int | None = None) -> dict:
-        return timed(fn, repeats or self.args.repeats, self.args.cell_budget, self.args.max_cell)
+    def time(self, fns: dict[str, Callable[[], object]], repeats: dict[str, int] | None = None) -> dict[str, dict]:
+        reps = {name: self.args.repeats for name in fns} | (repeats or {})
+        return timed(fns, reps, self.args.cell_budget, self.args.max_cell)
 
     def inputs(self, r: int, n: int) -> tuple[Adapter, list[Adapter]]:
         """The round's start adapter and N client adapters; the same for a grid point in both phases."""
@@ -136,8 +149,13 @@ class Run:
         layers, d = self.cfg["layers"], self.cfg["d"]
         return random_adapter(layers, d, r, g), [random_adapter(layers, d, r, g) for _ in range(n)]
 
-    def aggregate_cell(self, name: str, r: int, n: int, start: Adapter, clients: list[Adapter]) -> dict | None:
-        """Time ``aggregate`` of one strategy at one grid point; None (and a note) when skipped."""
+    def aggregate_cell(self, name: str, r: int, n: int, start: Adapter, clients: list[Adapter],
+                       beside: dict[str, Callable[[], object]] | None = None) -> dict | None:
+        """Time ``aggregate`` of one strategy at one grid point; None (and a note) when skipped.
+
+        ``beside``: functions timed in turn with the aggregate (for ratios); their results are in
+        the returned row under "beside".
+        """
         if self.over_budget(f"{name} r={r} N={n}"):
             return None
         if name in self.too_slow:  # grid points run cheapest first: a larger one would be slower still
@@ -150,7 +168,10 @@ class Run:
             updates = [ClientUpdate(client_id=k, adapter=a, num_samples=100 + k,
                                     scaling=strategy.scaling(ClientContext(client_id=k, round=0), r))
                        for k, a in enumerate(clients)]
-            row.update(self.time(lambda: strategy.aggregate(updates, state)))
+            res = self.time({"aggregate": lambda: strategy.aggregate(updates, state)} | (beside or {}))
+            row.update(res.pop("aggregate"))
+            if beside:
+                row["beside"] = res
         except Exception as e:  # a strategy that cannot run here is reported, not fatal
             row["error"] = f"{type(e).__name__}: {e}"
         if "over_s" in row or row.get("median_s", 0) > self.args.max_cell:
@@ -159,24 +180,32 @@ class Run:
         return row
 
     def core_point(self, r: int, n: int) -> None:
-        """FedIT and FedRot aggregates, FedRot's client alignment, and factored vs dense SVD."""
+        """FedIT and FedRot aggregates, FedRot's client alignment beside FedIT's, and factored vs dense SVD."""
         start, clients = self.inputs(r, n)
         names = strategy_names()
-        fedit = self.aggregate_cell("fedit", r, n, start, clients) if "fedit" in names else None
-        fedit_s = fedit.get("median_s") if fedit else None
+        beside = {}
+        if "fedrot" in names:
+            fedrot = get_strategy("fedrot")
+            reference = fedrot.init_state(start).adapter
+
+            def align(rnd: int) -> Callable[[], object]:
+                ctxs = [ClientContext(client_id=k, round=rnd) for k in range(n)]
+                return lambda: [fedrot.before_upload(a, reference, c) for a, c in zip(clients, ctxs)]
+
+            beside = {1: align(1), 2: align(2)}  # round 1 aligns A, round 2 aligns B
+        fedit = self.aggregate_cell("fedit", r, n, start, clients, beside) if "fedit" in names else None
         if "fedrot" in names:
             self.aggregate_cell("fedrot", r, n, start, clients)
-            if not self.over_budget(f"fedrot alignment r={r} N={n}"):
-                fedrot = get_strategy("fedrot")
-                reference = fedrot.init_state(start).adapter
-                for rnd in (1, 2):
-                    ctxs = [ClientContext(client_id=k, round=rnd) for k in range(n)]
-                    res = self.time(lambda: [fedrot.before_upload(a, reference, c) for a, c in zip(clients, ctxs)])
-                    res.update(r=r, N=n, round=rnd, factor=fedrot.aligned_factor(rnd))
-                    if "median_s" in res:
-                        res["per_client_s"] = res["median_s"] / n
-                        res["pct_of_fedit_aggregate"] = 100 * res["median_s"] / fedit_s if fedit_s else None
-                    self.align.append(res)
+            fedit_s = fedit.get("median_s") if fedit else None
+            measured = fedit.pop("beside", None) if fedit else None
+            if measured is None and not self.over_budget(f"fedrot alignment r={r} N={n}"):
+                measured = self.time(beside)  # FedIT absent or failed: alignment alone
+            for rnd, res in (measured or {}).items():
+                res.update(r=r, N=n, round=rnd, factor=fedrot.aligned_factor(rnd))
+                if "median_s" in res:
+                    res["per_client_s"] = res["median_s"] / n
+                    res["pct_of_fedit_aggregate"] = 100 * res["median_s"] / fedit_s if fedit_s else None
+                self.align.append(res)
         if not self.over_budget(f"factored vs dense r={r} N={n}"):
             self.dense.append(self.factored_vs_dense(clients, self.cfg["d"], r, n, layer=next(iter(start.layers))))
 
@@ -202,8 +231,9 @@ class Run:
                 W.addmm_(B, A, alpha=pk)
             return torch.linalg.svd(W, full_matrices=False)
 
-        fact = self.time(lambda: factored_aggregate(Bs, As, p))
-        dens = self.time(dense, repeats=min(self.args.repeats, self.args.dense_repeats))
+        res = self.time({"factored": lambda: factored_aggregate(Bs, As, p), "dense": dense},
+                        repeats={"dense": min(self.args.repeats, self.args.dense_repeats)})
+        fact, dens = res["factored"], res["dense"]
         ok = "median_s" in fact and "median_s" in dens  # False only if a run passed --max-cell
         return {"d": d, "r": r, "N": n, "factored_s": fact.get("median_s"), "factored_min_s": fact.get("min_s"),
                 "factored_runs": fact["runs"], "dense_s": dens.get("median_s"), "dense_min_s": dens.get("min_s"),
@@ -227,6 +257,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
