@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from fedlora.diagnostics import round_diagnostics  # noqa: E402
 from fedlora.factors import Adapter, LoRAPair, factored_aggregate  # noqa: E402
 from fedlora.strategies import ClientContext, ClientUpdate, get_strategy, strategy_names  # noqa: E402
 
@@ -249,6 +250,17 @@ class Run:
                    for _ in range(n)]
         return self.factored_vs_dense(clients, d, r, n, "layer")
 
+    def diagnostics_cost(self, r: int = 16, n: int = 10) -> dict:
+        """``round_diagnostics`` after a FedIT round at the grid's shape (all layers, N clients)."""
+        start, clients = self.inputs(r, n)
+        strategy = get_strategy("fedit")
+        state = strategy.init_state(start)
+        updates = [ClientUpdate(client_id=k, adapter=a, num_samples=100 + k, scaling=state.scaling)
+                   for k, a in enumerate(clients)]
+        new, weights = strategy.aggregate(updates, state), strategy.weights(updates)
+        res = self.time({"diagnostics": lambda: round_diagnostics(updates, weights, new)})["diagnostics"]
+        return res | {"layers": self.cfg["layers"], "d": self.cfg["d"], "r": r, "N": n}
+
 
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -304,6 +316,8 @@ def report(console: Console, out: dict) -> None:
         t.add_row(str(p["d"]), str(p["r"]), str(p["N"]), fmt_s(p, "factored_s"), fmt_s(p, "dense_s"),
                   "n/a" if p["speedup"] is None else f"{p['speedup']:.1f}×", p["factored_path"])
     console.print(t)
+    dg = out["diagnostics"]
+    console.print(f"round_diagnostics ({dg['layers']} layers {dg['d']}×{dg['d']}, r={dg['r']}, N={dg['N']}): {fmt_s(dg)}")
     for note in out["meta"]["notes"]:
         console.print(f"note: {note}")
 
@@ -332,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args, cfg)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     headline = run.headline()
+    diagnostics = run.diagnostics_cost()
     # cheapest grid points first, so the time budget, if it bites, cuts the slowest ones; the target
     # figures (FedIT, FedRot, factored vs dense) for the whole grid before the other strategies
     grid = sorted(((r, n) for r in cfg["ranks"] for n in cfg["clients"]), key=lambda rn: (rn[0] * rn[1], rn[0]))
@@ -366,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                  "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                  "wall_s": round(time.perf_counter() - run.start, 1), "strategies": strategy_names(), "notes": notes},
         "headline": headline,
+        "diagnostics": diagnostics,
         "server": run.server,
         "fedrot_client_alignment": run.align,
         "factored_vs_dense": run.dense,

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlora.align import haar_rotation
-from fedlora.diagnostics import communication_bytes, round_diagnostics, rotation_sizes
+from fedlora.diagnostics import communication_bytes, keeps_personal_state, round_diagnostics, rotation_sizes
 from fedlora.errors import AggregationInputError
 from fedlora.factors import Adapter, LoRAPair, normalize_weights
 from fedlora.strategies import ClientContext, ClientUpdate, GlobalState, get_strategy
@@ -286,3 +286,12 @@ def test_bytes_rejects_duplicate_clients():
     state = strategy.init_state(ad)
     with pytest.raises(AggregationInputError, match="client 7: appears twice"):
         communication_bytes(strategy, state, [ClientUpdate(client_id=7, adapter=ad)] * 2)
+
+
+def test_personalised_flag():
+    assert not keeps_personal_state(get_strategy("fedit")) and not keeps_personal_state(get_strategy("fedrot"))
+    assert keeps_personal_state(get_strategy("fedsa"))
+    updates, w, state = random_round(torch.Generator().manual_seed(11), [(8, 6)], [[2], [2]], [2], None, [1, 1])
+    flagged = round_diagnostics(updates, w, state, personalised=True)
+    assert flagged.to_dict()["personalised"] is True
+    assert flagged.agg_error == round_diagnostics(updates, w, state).agg_error  # same formula either way

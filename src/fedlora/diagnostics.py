@@ -137,8 +137,9 @@ def round_diagnostics(updates: Sequence[ClientUpdate], weights: Sequence[float] 
         new_state: the global state the aggregation returned; its update is
             s_g·B_g·A_g + base_delta (base_delta's factors already scaled, as FedEx and FLoRA fold
             part of the aggregate into the frozen base).
-        personalised: set for strategies whose clients keep personal factors (FedSA's B, SFed); the
-            error is computed by the same formula and the flag is recorded with it.
+        personalised: set for strategies whose clients keep personal factors (FedSA's B, SFed), e.g.
+            ``personalised=keeps_personal_state(strategy)``; the error is computed by the same
+            formula and the flag is recorded with it.
 
     Ranks may differ between clients and from the global rank. Raises AggregationInputError naming
     the client or layer for mismatched layers or shapes, NaN/Inf, or bad weights.
@@ -214,6 +215,12 @@ def round_diagnostics(updates: Sequence[ClientUpdate], weights: Sequence[float] 
         personalised=personalised,
         per_layer=per_layer,
     )
+
+
+def keeps_personal_state(strategy: Strategy) -> bool:
+    """Whether the strategy's clients keep factors of their own between rounds (it overrides
+    :meth:`Strategy.personal_state`), so no single global model is what every client uses."""
+    return type(strategy).personal_state is not Strategy.personal_state
 
 
 def rotation_sizes(updates: Sequence[ClientUpdate]) -> list[float]:
