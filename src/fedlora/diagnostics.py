@@ -100,11 +100,16 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _f64(t: Tensor) -> Tensor:
+    """A detached float64 CPU copy: diagnostics are measurements, never part of a training graph."""
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
 def _orthonormal_basis(B: Tensor) -> Tensor | None:
     """The QR basis of B's columns (the §3.3 code's choice); None for an all-zero B (no subspace)."""
     if not bool(B.any()):
         return None
-    return torch.linalg.qr(B.to(torch.float64)).Q
+    return torch.linalg.qr(_f64(B)).Q
 
 
 def _subspace_overlap(Qk: Tensor, Qg: Tensor) -> float:
@@ -162,11 +167,11 @@ def round_diagnostics(updates: Sequence[ClientUpdate], weights: Sequence[float] 
     overlaps: list[float] = []
     per_layer: dict[str, dict[str, float | None]] = {}
     for name, g_pair in new_state.adapter.layers.items():
-        Bs = [ad.layers[name].B.to(f64) for ad in adapters] + [g_pair.B.to(f64)]
-        As = [s * ad.layers[name].A.to(f64) for s, ad in zip(scal.tolist(), adapters)] + [s_g * g_pair.A.to(f64)]
+        Bs = [_f64(ad.layers[name].B) for ad in adapters] + [_f64(g_pair.B)]
+        As = [s * _f64(ad.layers[name].A) for s, ad in zip(scal.tolist(), adapters)] + [s_g * _f64(g_pair.A)]
         if name in base:
-            Bs.append(base[name].B.to(f64))
-            As.append(base[name].A.to(f64))
+            Bs.append(_f64(base[name].B))
+            As.append(_f64(base[name].A))
         G = product_gram(Bs, As)
         u = torch.cat([p, -torch.ones(len(Bs) - n, dtype=f64)])
         g_u = u.clone()
