@@ -295,3 +295,11 @@ def test_personalised_flag():
     flagged = round_diagnostics(updates, w, state, personalised=True)
     assert flagged.to_dict()["personalised"] is True
     assert flagged.agg_error == round_diagnostics(updates, w, state).agg_error  # same formula either way
+
+
+def test_live_factors_are_not_tracked():
+    g = torch.Generator().manual_seed(12)
+    updates, w, state = random_round(g, [(8, 6)], [[2], [3]], [2], None, [1, 1])
+    live = updates[0].adapter.map(lambda n, p: LoRAPair(p.A.clone().requires_grad_(), p.B.clone().requires_grad_()))
+    tracked = [ClientUpdate(client_id="live", adapter=live, scaling=updates[0].scaling), updates[1]]
+    assert round_diagnostics(tracked, w, state).to_dict() == round_diagnostics(updates, w, state).to_dict()
