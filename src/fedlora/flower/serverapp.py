@@ -113,13 +113,17 @@ class FlowerServer:
         return Message(content, node, MessageType.TRAIN, group_id=str(state.round),
                        ttl=self.options.round_timeout + 60), nbytes
 
-    def collect(self, replies, state: GlobalState, node_to_pid: dict[int, int]):
+    def collect(self, replies, state: GlobalState, sent_to: dict[str, int]):
         """Valid ClientUpdates (sorted by client), their contexts and losses, and the failures."""
         strategy = self.strategy
         good, failed = [], []
         for reply in replies:
-            node = reply.metadata.src_node_id
-            k = node_to_pid.get(node, f"node {node}")
+            # an error reply made by the SuperLink (node unavailable) comes from the SuperLink itself:
+            # who it concerns is the message it answers
+            k = sent_to.get(reply.metadata.reply_to_message_id)
+            if k is None:
+                self.log(f"round {state.round + 1}: ignoring a reply to an unknown message")
+                continue
             if reply.has_error():
                 failed.append({"client": k, "error": f"Flower error {reply.error.code}: {reply.error.reason}"})
                 continue
@@ -142,10 +146,24 @@ class FlowerServer:
             ctx = ClientContext(client_id=k, round=state.round, num_samples=int(m["num-examples"]),
                                 rank=int(m["rank"]) or None, alpha=self.cfg.lora.alpha, total_clients=self.num_clients,
                                 seed=self.cfg.run.seed)
-            good.append((k, upd, ctx, float(m["loss"]), rec.record_nbytes(c.array_records[rec.KEY_PAYLOAD]), node,
+            good.append((k, upd, ctx, float(m["loss"]), rec.record_nbytes(c.array_records[rec.KEY_PAYLOAD]),
                          int(m["base-version"])))
         good.sort(key=lambda g: g[0])  # the engine's order: sampled clients in increasing id
         return good, failed
+
+    def pull(self, grid: Grid, ids: list[str]) -> list[Message]:
+        """Replies to ``ids`` until all are in or the round timeout passes (what is missing then
+        counts as failed). A node that disconnects gets an error reply from the SuperLink once it
+        misses its heartbeats, so a lost node ends the wait before the timeout."""
+        waiting, replies = set(ids), []
+        deadline = time.monotonic() + self.options.round_timeout
+        while waiting and time.monotonic() < deadline:
+            got = list(grid.pull_messages(list(waiting)))
+            replies += got
+            waiting -= {r.metadata.reply_to_message_id for r in got}
+            if waiting:
+                time.sleep(0.5)
+        return replies
 
     # ---- the run --------------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
@@ -168,7 +186,6 @@ class FlowerServer:
             raise ConfigError("SecAgg+ is not wired into the fedlora ServerApp yet (see docs/flower.md)")
         state = strategy.init_state(fed.shared.initial_adapter(), alpha=cfg.lora.alpha, seed=seed)
         pid_to_node = self.discover(grid, fed.num_clients)
-        node_to_pid = {n: k for k, n in pid_to_node.items()}
         self.log(f"{len(pid_to_node)} nodes: " + ", ".join(f"{k}→{n}" for k, n in sorted(pid_to_node.items())))
         rundir = RunDir.create(cfg)
         rundir.write_json("partition.json", fed.partition_summary)
@@ -187,13 +204,17 @@ class FlowerServer:
                                                  known_base.get(node, 0))
                 msgs.append(msg)
                 sent[k] = nbytes
-            replies = list(grid.send_and_receive(msgs, timeout=self.options.round_timeout))
-            good, failed = self.collect(replies, state, node_to_pid)
-            answered = {node_to_pid.get(r.metadata.src_node_id) for r in replies}
-            failed += [{"client": k, "error": "no reply within the round timeout"} for k in sampled if k not in answered]
-            for k, _, _, _, _, node, version in good:
-                has_global.add(node)
-                known_base[node] = version
+            ids = list(grid.push_messages(msgs))
+            sent_to = dict(zip(ids, sampled))
+            replies = self.pull(grid, ids)
+            good, failed = self.collect(replies, state, sent_to)
+            answered = {sent_to.get(r.metadata.reply_to_message_id) for r in replies}
+            failed += [{"client": k, "error": f"no reply within the round timeout ({self.options.round_timeout:.0f} s)"}
+                       for k in sampled if k not in answered]
+            failed.sort(key=lambda f: str(f["client"]))
+            for k, _, _, _, _, version in good:
+                has_global.add(pid_to_node[k])
+                known_base[pid_to_node[k]] = version
             if len(good) < self.options.min_replies:
                 raise RoundFailedError(
                     f"round {t + 1}: {len(good)} valid replies of {len(sampled)} sampled, fewer than the minimum "
