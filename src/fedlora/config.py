@@ -241,14 +241,32 @@ def _get(cfg: RunConfig, key: str) -> Any:
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}s"
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(item, str(item))
     if origin is dict:
         return "a table"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+class SetValue(str):
+    """The text of a ``--set`` value, read once the field's type is known: a string field takes a
+    bare word as it is (``run.name=nan`` is the name "nan"), other fields parse it as TOML."""
+
+
+def _resolve_set_values(value: Any) -> Any:
+    """Parse ``--set`` texts nested inside a free-form table (strategy options)."""
+    if isinstance(value, SetValue):
+        return parse_value(value)
+    if isinstance(value, Mapping):
+        return {k: _resolve_set_values(v) for k, v in value.items()}
+    return value
+
+
 def coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the type ``tp`` of config key ``key``; ints widen to floats."""
+    if isinstance(value, SetValue):
+        text = str(value)
+        value = text if tp is str and not text.startswith(('"', "'")) else parse_value(text)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -259,7 +277,7 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if tp is Any:
-        return value
+        return _resolve_set_values(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -313,7 +331,7 @@ def parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text
+        return str(text)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -330,7 +348,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p!r} is not a table")
-        node[parts[-1]] = parse_value(text.strip())
+        node[parts[-1]] = SetValue(text.strip())
     return data
 
 

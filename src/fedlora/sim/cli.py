@@ -38,14 +38,11 @@ def cmd_run(args) -> int:
     from fedlora.sim.engine import run
 
     if args.resume:
-        config = Path(args.resume) / "config.toml"
-        if args.config:
-            print(f"fedlora: --resume uses {config}; ignoring {args.config}")
-        cfg = load_config(config if config.is_file() else None, args.overrides)
-        if not config.is_file():
-            from fedlora.errors import ConfigError
+        from fedlora.sim.rundir import RunDir
 
-            raise ConfigError(f"--resume {args.resume!r}: no config.toml there, so it is not a fedlora run directory")
+        if args.config:
+            print(f"fedlora: --resume uses the config stored in {args.resume}; ignoring {args.config}")
+        cfg = load_config(RunDir.open(args.resume).path / "config.toml", args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
     summary = run(cfg, resume=args.resume, progress=False if args.quiet else None)

@@ -111,7 +111,7 @@ def local_train(shared, task, data, indices: np.ndarray, *, cfg: TrainSection, l
         if reg is not None:
             loss = loss + reg
         if not torch.isfinite(loss):
-            msg = f"client {client_id}: loss is {float(loss)} at local step {done}"
+            msg = f"client {client_id}: loss is {float(loss.detach())} at local step {done}"
             if cfg.fail_fast:
                 raise ClientTrainingError(msg + " (train.fail_fast is set)")
             return LocalResult(None, float("nan"), done, msg)

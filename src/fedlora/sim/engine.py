@@ -138,6 +138,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Federation:
     train = task.encode(splits["train"])
     validation = task.encode(splits["validation"])
     dtype = torch.float32  # bf16 runs autocast; weights and factors stay fp32
+    torch.manual_seed(seed)  # the new head and PEFT's initial A: the same for the same seed
     try:
         base = task.load_model(model_path, dtype, splits["train"])
     except OSError as e:
@@ -331,6 +332,7 @@ def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progr
             for layer, delta in ckpt["base_merged"].items():  # rebuild the merged base weights
                 shared.add_to_base(layer, delta)
         rows = rundir.keep_metrics_before(state.round)
+        rundir.write_config(cfg)  # e.g. more rounds, set on the command line of the resume
         say(f"resuming {rundir.path} at round {state.round + 1} ({len(rows)} rounds done)")
     else:
         rundir.write_json("partition.json", fed.partition_summary)

@@ -39,6 +39,14 @@ TARGET_MODULES = {
 }
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT probes a deprecated transformers attribute when it wraps a model; hide that warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def pick_device(name: str) -> torch.device:
     """``"auto"``: cuda when available, else cpu."""
     if name == "auto":
@@ -97,8 +105,7 @@ class SharedModel:
         self.target_modules = list(target_modules)
         self.global_rank = int(rank)
         try:
-            with warnings.catch_warnings():  # PEFT probes a deprecated transformers attribute
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            with quiet_peft():
                 self.model = get_peft_model(base, self._lora_config(rank))
         except ValueError as e:  # PEFT: "Target modules {...} not found in the base model"
             raise ConfigError(f"lora.target_modules = {target_modules}: {e}") from e
@@ -256,12 +263,16 @@ def load_run_model(run_dir: str | Path, base=None):
 
         cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
         info = json.loads((run_dir / "summary.json").read_text())
-        base = AutoModelForSequenceClassification.from_pretrained(
-            cfg["base_model_name_or_path"], num_labels=info["num_labels"], dtype=torch.float32)
+        from fedlora.sim.tasks import quiet_transformers
+
+        with quiet_transformers():
+            base = AutoModelForSequenceClassification.from_pretrained(
+                cfg["base_model_name_or_path"], num_labels=info["num_labels"], dtype=torch.float32)
     delta_path = run_dir / "base_delta.safetensors"
     if delta_path.is_file():
         own = base.state_dict()
         with torch.no_grad():
             for key, delta in load_file(delta_path).items():
                 own[key].add_(delta.to(own[key].dtype))
-    return PeftModel.from_pretrained(base, run_dir / "adapter")
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, run_dir / "adapter")

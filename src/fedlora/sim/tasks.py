@@ -229,8 +229,18 @@ class ClassificationTask(Task):
 TASKS: dict[str, type[Task]] = {"classification": ClassificationTask}
 
 
+def _register_task_types() -> None:
+    """Add the task types defined in their own modules (imported here: they import this one)."""
+    from fedlora.sim.task_causal import CausalLMTask
+    from fedlora.sim.task_choice import MultipleChoiceTask
+
+    TASKS.setdefault(MultipleChoiceTask.name, MultipleChoiceTask)
+    TASKS.setdefault(CausalLMTask.name, CausalLMTask)
+
+
 def get_task(name: str, tokenizer, max_length: int) -> Task:
     """The task object for ``data.task``; unknown names raise ConfigError listing the known ones."""
+    _register_task_types()
     if name not in TASKS:
         raise ConfigError(f"data.task = {name!r}: unknown task; known: {', '.join(TASKS)}")
     return TASKS[name](tokenizer, max_length)

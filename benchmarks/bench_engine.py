@@ -1,0 +1,182 @@
+"""Engine benchmarks: the cost of a simulated round against a bare PyTorch loop, and memory against N.
+
+1. Overhead. The engine runs R rounds of K clients × S local steps (no evaluation in the timed
+   rounds). A bare loop then does the same forward/backward/optimiser steps on the same batches (the
+   engine's own batch order and collation), on an identically wrapped PEFT model, with none of the
+   engine's work around them (adapter copies, strategy hooks, aggregation, diagnostics, metrics,
+   checkpoints). The bare loop runs before and after the engine; its mean is the reference.
+   Target: engine / bare ≤ 1.10.
+2. Memory. Peak RSS of a whole run (one process each) with N = 10 and N = 100 clients, for fedit (no
+   per-client state) and fedsa (each client keeps its B). Growth should be about (100 − 10) × the
+   personal state's size: the base model is shared.
+
+The Flower comparison (issue 4's third row) is not run here: it needs ``flwr[simulation]``; see
+the Flower benchmark for it.
+
+    python benchmarks/bench_engine.py [--model minilm] [--rounds 3] [--clients 4] [--steps 10]
+
+Writes benchmarks/results/bench_engine.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def overrides(args, out: str, **extra) -> list[str]:
+    values = {
+        "model.name": f'"{args.model}"', "data.source": f'"{args.data}"', "partition.num_clients": str(args.clients),
+        "train.rounds": str(args.rounds), "train.local_steps": str(args.steps), "train.batch_size": "16",
+        "eval.every": "1000", "eval.personalised": "false", "data.eval_examples": "64",
+        "run.output_dir": f'"{out}"', "run.progress": "false", "model.threads": str(args.threads),
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def bare_rounds(fed, cfg, rounds: int) -> list[float]:
+    """The engine's training steps with nothing around them: per round, per sampled client, a fresh
+    AdamW over the LoRA parameters and the client's batches in the engine's order."""
+    import torch
+
+    from fedlora.sim import client as C
+    from fedlora.sim.engine import sample_clients
+
+    model = fed.shared.model  # an identically wrapped PEFT model; the bare loop never moves adapters
+    params = fed.shared.set_trainable(frozenset({"A", "B"}), True)
+    times = []
+    for t in range(rounds):
+        t0 = time.perf_counter()
+        for k in sample_clients(cfg.run.seed, t, fed.num_clients, cfg.train):
+            opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+            torch.manual_seed(C.client_seed(cfg.run.seed, t, k))
+            model.train()
+            for idx in C.batch_order(fed.client_train[k], cfg.train.batch_size,
+                                     C.steps_for(len(fed.client_train[k]), cfg.train), C.client_seed(cfg.run.seed, t, k)):
+                batch = fed.task.collate(fed.train, idx, fed.device)
+                loss = fed.task.loss(model, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+                opt.step()
+                float(loss.detach())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def overhead(args) -> dict:
+    from fedlora.config import load_config
+    from fedlora.sim.engine import prepare, run
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(None, overrides(args, out, **{"strategy.name": f'"{args.strategy}"'}))
+        fed = prepare(cfg, log=lambda s: None)
+        bare_rounds(fed, cfg, 1)  # warm-up: allocator, kernels
+        bare_before = bare_rounds(fed, cfg, args.rounds)
+        summary = run(cfg, log=lambda s: None)
+        rows = [json.loads(line) for line in open(Path(summary["run_dir"]) / "metrics.jsonl")]
+        engine = [r["wall_s"] - r["eval_s"] for r in rows]
+        bare_after = bare_rounds(fed, cfg, args.rounds)
+    bare = [(a + b) / 2 for a, b in zip(bare_before, bare_after)]
+    steps = args.clients * args.steps
+    return {"model": args.model, "strategy": args.strategy, "rounds": args.rounds, "clients": args.clients,
+            "steps_per_client": args.steps, "engine_round_s": engine, "bare_round_s": bare,
+            "bare_before_s": bare_before, "bare_after_s": bare_after,
+            "engine_s_per_step": sum(engine) / (steps * args.rounds), "bare_s_per_step": sum(bare) / (steps * args.rounds),
+            "ratio": sum(engine) / sum(bare)}
+
+
+def rss_child(args) -> None:
+    """One run in this process; prints its peak RSS (MiB) and the personal-state bytes as JSON."""
+    from fedlora.config import load_config
+    from fedlora.sim.rundir import RunDir
+    from fedlora.sim.engine import run
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(None, overrides(args, out, **{
+            "partition.num_clients": str(args.rss_clients), "partition.method": '"iid"', "train.rounds": "1",
+            "train.local_steps": "1", "strategy.name": f'"{args.strategy}"', "data.eval_examples": "16"}))
+        summary = run(cfg, log=lambda s: None)
+        ckpt = RunDir(Path(summary["run_dir"])).load_checkpoint()
+        personal = [a for a in ckpt["personal"].values() if a is not None]
+        per_client = personal[0].nbytes() if personal else 0
+        adapter = ckpt["state"].adapter.nbytes()
+    print(json.dumps({"clients": args.rss_clients, "strategy": args.strategy,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "personal_bytes_per_client": per_client, "adapter_bytes": adapter}))
+
+
+def memory(args) -> list[dict]:
+    results = []
+    for strategy in ("fedit", "fedsa"):
+        for n in (10, 100):
+            cmd = [sys.executable, __file__, "--rss-clients", str(n), "--strategy", strategy, "--model", args.model,
+                   "--data", args.data, "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--data", default="sarcasm")
+    p.add_argument("--strategy", default="fedrot")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--rss-clients", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_engine.json"))
+    args = p.parse_args()
+    if args.rss_clients:
+        rss_child(args)
+        return
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    result = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "overhead": overhead(args)}
+    if not args.skip_memory:
+        result["memory"] = memory(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    console = Console()
+    o = result["overhead"]
+    t = Table("", "engine", "bare PyTorch loop", "ratio", title=f"Round time: {o['model']}, {o['strategy']}, "
+              f"{o['clients']} clients × {o['steps_per_client']} steps, {o['rounds']} rounds")
+    t.add_row("s per round (mean)", f"{np.mean(o['engine_round_s']):.2f}", f"{np.mean(o['bare_round_s']):.2f}",
+              f"{o['ratio']:.3f}×")
+    t.add_row("s per step", f"{o['engine_s_per_step']:.3f}", f"{o['bare_s_per_step']:.3f}", "")
+    console.print(t)
+    if "memory" in result:
+        m = Table("strategy", "clients", "peak RSS MiB", "personal state / client", "adapter",
+                  title="Peak RSS against the number of clients")
+        for r in result["memory"]:
+            m.add_row(r["strategy"], str(r["clients"]), f"{r['peak_rss_mib']:.0f}",
+                      f"{r['personal_bytes_per_client'] / 1024:.0f} KiB", f"{r['adapter_bytes'] / 1024:.0f} KiB")
+        console.print(m)
+        for strategy in ("fedit", "fedsa"):
+            rs = {r["clients"]: r for r in result["memory"] if r["strategy"] == strategy}
+            growth = rs[100]["peak_rss_mib"] - rs[10]["peak_rss_mib"]
+            expect = 90 * rs[100]["personal_bytes_per_client"] / 2**20
+            console.print(f"{strategy}: RSS growth 10 → 100 clients {growth:.1f} MiB; 90 × personal state = {expect:.1f} MiB")
+    console.print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
