@@ -187,12 +187,13 @@ def client_round(fed: Federation, state: GlobalState, personal: Adapter | None, 
     scaling = strategy.scaling(ctx, rank)
     fed.shared.load(start, scaling)
     trains_extras = getattr(strategy, "trains_extras", lambda r: True)(ctx.round)
+    reference = start.to(device=fed.device)  # the regulariser compares live (device) factors with it
     indices = fed.client_train[ctx.client_id]
     result = client_mod.local_train(
         fed.shared, fed.task, fed.train, indices, cfg=cfg.train,
         lr=cfg.train.lr * cfg.train.round_lr_decay ** ctx.round,
         steps=client_mod.steps_for(len(indices), cfg.train), parts=strategy.trainable(ctx.round),
-        train_extras=trains_extras, regularizer=lambda live: strategy.regularizer(live, start, scaling),
+        train_extras=trains_extras, regularizer=lambda live: strategy.regularizer(live, reference, scaling),
         seed=client_mod.client_seed(cfg.run.seed, ctx.round, ctx.client_id), device=fed.device,
         autocast=fed.autocast(), loss_fn=loss_fn, client_id=ctx.client_id)
     if result.adapter is None:

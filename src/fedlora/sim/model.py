@@ -180,8 +180,8 @@ class SharedModel:
             layer.scaling[self.active] = float(scaling)
 
     def read(self) -> Adapter:
-        """A detached copy of the live adapter."""
-        return Adapter.from_state_dict({k: p.detach().clone() for k, p in self.params(self.active).items()})
+        """A detached CPU copy of the live adapter (strategies and diagnostics work on the CPU)."""
+        return Adapter.from_state_dict({k: p.detach().to("cpu", copy=True) for k, p in self.params(self.active).items()})
 
     def live(self) -> Adapter:
         """The live adapter as autograd-tracked parameters (for a strategy's regulariser)."""
@@ -235,7 +235,8 @@ class SharedModel:
 
     def initial_adapter(self) -> Adapter:
         """PEFT's initialisation of the global adapter (A Kaiming-uniform, B zero, the new head)."""
-        return Adapter.from_state_dict({k: p.detach().clone() for k, p in self.params(DEFAULT_ADAPTER).items()})
+        return Adapter.from_state_dict({k: p.detach().to("cpu", copy=True)
+                                        for k, p in self.params(DEFAULT_ADAPTER).items()})
 
 
 def load_tokenizer(path: str):
