@@ -240,3 +240,21 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tiny, tmp_path):
     assert main(["run", "--resume", str(run_dir), "--set", f"train.rounds={done + 1}", "--quiet"]) == 0
     assert json.load(open(run_dir / "summary.json"))["rounds_completed"] == done + 1
     assert [json.loads(line)["round"] for line in open(run_dir / "metrics.jsonl")] == list(range(done + 1))
+
+
+def test_report_table_and_plot(tiny, tmp_path, capsys):
+    from fedlora.report import compare_runs, plot_runs, print_comparison
+
+    dirs = [run(cfg_for(tiny, f"report-{s}", strategy__name=f'"{s}"'), log=lambda m: None)["run_dir"]
+            for s in ("fedit", "ffa")]
+    rows = compare_runs(dirs)
+    assert [r["strategy"] for r in rows] == ["fedit", "ffa"]
+    summaries = [json.load(open(f"{d}/summary.json")) for d in dirs]
+    assert [r["best"] for r in rows] == [s["best_accuracy"] for s in summaries]
+    assert rows[1]["agg_error_rel"] < 1e-5 < rows[0]["agg_error_rel"]  # FFA's frozen A makes B-averaging exact
+    print_comparison(rows)
+    assert "fedit" in capsys.readouterr().out
+    png = plot_runs(dirs, tmp_path / "cmp.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="summary.json"):
+        compare_runs([tmp_path])
