@@ -93,6 +93,8 @@ def run_sim(cfg, options=None, *, faults: dict[int, str] | None = None, cpus_per
                    backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
                                    "init_args": {"num_cpus": cpus, "include_dashboard": False,
                                                  "log_to_driver": False}})
+    if "error" in results:
+        raise results["error"]
     if "summary" not in results:
         from fedlora.errors import FedLoRAError
 

@@ -64,6 +64,20 @@ class FlowerServer:
         self.log = log
         self.cfg_text = to_toml(cfg)  # what every node builds its Federation from
 
+    def check_secagg(self) -> None:
+        """Refuse SecAgg+ for a strategy whose server needs more than the weighted sum of uploads."""
+        if not self.options.secagg:
+            return
+        from fedlora.sim.engine import build_strategy
+
+        strategy = build_strategy(self.cfg)
+        if not strategy.secure_aggregation:
+            raise ConfigError(f"strategy {strategy.name!r} cannot run under SecAgg+: SecAgg+ reveals only the sum of "
+                              "the uploads, and this strategy's server needs each client's upload (e.g. to stack, "
+                              "re-factor or correct them), so it would have nothing to aggregate")
+        raise ConfigError("SecAgg+ is not wired into the fedlora ServerApp yet (see docs/flower.md, 'Secure "
+                          "aggregation')")
+
     # ---- nodes ----------------------------------------------------------------------------------
     def discover(self, grid: Grid, num_clients: int) -> dict[int, int]:
         """partition id → node id, asking each connected node for its node_config."""
@@ -82,7 +96,14 @@ class FlowerServer:
             if reply.has_error():
                 self.log(f"node {reply.metadata.src_node_id}: query failed: {reply.error.reason}")
                 continue
-            pid = int(reply.content.config_records[rec.KEY_NODE]["partition-id"])
+            node_cfg = reply.content.config_records[rec.KEY_NODE]
+            pid, parts = int(node_cfg["partition-id"]), int(node_cfg["num-partitions"])
+            how = f"start it with --node-config 'partition-id=K num-partitions={num_clients}'"
+            if pid < 0:
+                raise ConfigError(f"node {reply.metadata.src_node_id}: its node_config has no partition-id; {how}")
+            if parts != num_clients or pid >= num_clients:
+                raise ConfigError(f"node {reply.metadata.src_node_id}: node_config partition-id={pid} num-partitions="
+                                  f"{parts}, but partition.num_clients = {num_clients}; {how}")
             if pid in found:
                 raise ConfigError(f"nodes {found[pid]} and {reply.metadata.src_node_id} both have partition-id {pid}")
             found[pid] = reply.metadata.src_node_id
@@ -140,7 +161,6 @@ class FlowerServer:
                                    float(m["scaling"]), info)
                 strategy.validate([upd], state)  # shapes, NaN/Inf, ranks: this client alone
             except (AggregationInputError, KeyError, ValueError) as e:
-                self.log(f"round {state.round + 1}: dropping client {k}: {e}")
                 failed.append({"client": k, "error": f"invalid reply: {e}"})
                 continue
             ctx = ClientContext(client_id=k, round=state.round, num_samples=int(m["num-examples"]),
@@ -174,16 +194,12 @@ class FlowerServer:
 
         t_start = time.perf_counter()
         cfg = self.cfg
+        self.check_secagg()
         torch.manual_seed(cfg.run.seed)  # the initial adapter (PEFT's init) is a function of the seed
         server_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, personalised=False))
         fed = prepare(server_cfg, self.log)  # the global model for evaluation; checks every input first
         self.strategy, self.num_clients = fed.strategy, fed.num_clients
         strategy, seed = fed.strategy, cfg.run.seed
-        if self.options.secagg and not strategy.secure_aggregation:
-            raise ConfigError(f"strategy {strategy.name!r} cannot run under SecAgg+: its server needs the individual "
-                              "uploads (not only their weighted sum), so masking would hide what it needs")
-        if self.options.secagg:
-            raise ConfigError("SecAgg+ is not wired into the fedlora ServerApp yet (see docs/flower.md)")
         state = strategy.init_state(fed.shared.initial_adapter(), alpha=cfg.lora.alpha, seed=seed)
         pid_to_node = self.discover(grid, fed.num_clients)
         self.log(f"{len(pid_to_node)} nodes: " + ", ".join(f"{k}→{n}" for k, n in sorted(pid_to_node.items())))
@@ -218,7 +234,7 @@ class FlowerServer:
             if len(good) < self.options.min_replies:
                 raise RoundFailedError(
                     f"round {t + 1}: {len(good)} valid replies of {len(sampled)} sampled, fewer than the minimum "
-                    f"{self.options.min_replies}; failures: {failed}")
+                    f"{self.options.min_replies}; failures: " + "; ".join(f"client {f['client']}: {f['error']}" for f in failed))
             for f in failed:
                 self.log(f"round {t + 1}: client {f['client']} failed: {f['error']}")
             t_train = time.perf_counter() - t0
@@ -294,7 +310,12 @@ def make_server_app(cfg: RunConfig | None = None, options: FlowerOptions | None 
         else:
             run_cfg, opts = cfg, options or FlowerOptions()
         server = FlowerServer(run_cfg, opts)
-        summary = server.run(grid)
+        try:
+            summary = server.run(grid)
+        except BaseException as e:  # run_simulation only logs a ServerApp's exception: hand it back
+            if results is not None:
+                results["error"] = e
+            raise
         if results is not None:
             results.update(summary=summary, state=server.state, rows=server.rows)
 

@@ -1,0 +1,75 @@
+"""A Flower :class:`~flwr.serverapp.Grid` whose nodes are ClientApp calls in this process.
+
+It runs the real ServerApp loop against the real ClientApp handlers, with real Messages and a
+``Context`` per node (its ``state`` kept across rounds as a SuperNode keeps it), but no Ray, no
+SuperLink and no sockets: a fast way to test and debug a fedlora app. It is not a Flower runtime:
+use ``fedlora flower sim`` or a deployment for real runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+
+
+class InProcessGrid(Grid):
+    """``num_nodes`` nodes with ``node_config`` partition-id = k, num-partitions = num_nodes; each pushed
+    message is handled at once by ``client_app`` in the node's Context. ``drop`` lists node indices
+    whose TRAIN messages get no reply (a node that vanished after joining)."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1,
+                 node_config: Mapping[int, dict] | None = None, drop: Iterable[int] = ()):
+        self.client_app = client_app
+        self.run_id = run_id
+        self.node_ids = [1000 + k for k in range(num_nodes)]
+        extra = dict(node_config or {})
+        self.contexts = {n: Context(run_id=run_id, node_id=n,
+                                    node_config={"partition-id": k, "num-partitions": num_nodes, **extra.get(k, {})},
+                                    state=RecordDict(), run_config={})
+                         for k, n in enumerate(self.node_ids)}
+        self.drop = {self.node_ids[k] for k in drop}
+        self.replies: dict[str, Message] = {}
+        self._ids = itertools.count()
+        self._run = None
+        from flwr.supercore.task_identity import TaskIdentity
+
+        # Message() stamps the sender's run and node from the process's task identity, which a
+        # Flower runtime sets; here this process is the ServerApp's task
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 1, 1
+
+    def set_run(self, run) -> None:  # noqa: D102  (no run object needed in process)
+        self._run = run
+
+    @property
+    def run(self):  # noqa: D102
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:  # noqa: D102
+        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Handle each message now; its reply waits for :meth:`pull_messages`."""
+        ids = []
+        for msg in messages:
+            mid = f"m{next(self._ids)}"
+            msg.metadata.__dict__["_message_id"] = mid  # what the SuperLink would assign
+            msg.metadata.__dict__["_run_id"] = self.run_id
+            ids.append(mid)
+            if msg.metadata.dst_node_id in self.drop and msg.metadata.message_type == MessageType.TRAIN:
+                continue
+            self.replies[mid] = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return [self.replies.pop(m) for m in list(message_ids) if m in self.replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))  # noqa: D102

@@ -1,0 +1,99 @@
+"""The fedlora ServerApp and ClientApp driven through real Flower Messages and per-node Contexts,
+in process (no Ray, no SuperLink): base-weight changes and partial downloads reach the nodes,
+faulty replies are dropped, too few replies fail the round, SecAgg+ refuses incompatible strategies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from fedlora.errors import ConfigError  # noqa: E402
+from fedlora.factors import Adapter, LoRAPair  # noqa: E402
+from fedlora.flower import records as rec  # noqa: E402
+from fedlora.flower.clientapp import make_client_app  # noqa: E402
+from fedlora.flower.inprocess import InProcessGrid  # noqa: E402
+from fedlora.flower.serverapp import FlowerOptions, FlowerServer, RoundFailedError  # noqa: E402
+from flower_common import assert_close_adapters, cfg_for, engine_run, tiny  # noqa: E402,F401
+
+
+def flower_run(cfg, faults=None, drop=(), **options):
+    opts = FlowerOptions(**{"min_replies": 1, "round_timeout": 2.0, "node_wait": 1.0, **options})
+    server = FlowerServer(cfg, opts, log=lambda s: None)
+    server.run(InProcessGrid(make_client_app(faults), cfg.partition.num_clients, drop=drop))
+    return server
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fedex", "fedsa"])
+def test_partial_participation_matches_the_engine(tiny, strategy):
+    """2 of 3 clients per round, 3 rounds: FedEx's base changes reach nodes that missed a round
+    (several nodes share one cached model), FedSA's partial download uses each node's cached A/B."""
+    extra = dict(strategy__name=f'"{strategy}"', train__rounds=3, train__clients_per_round=2)
+    want, erows = engine_run(cfg_for(tiny, f"engine-{strategy}", **extra))
+    server = flower_run(cfg_for(tiny, f"flower-{strategy}", **extra))
+    assert [r["clients"] for r in server.rows] == [r["clients"] for r in erows]
+    assert len({tuple(r["clients"]) for r in erows}) > 1  # some node really missed a round
+    assert_close_adapters(server.state.adapter, want.adapter)
+    for row, erow in zip(server.rows, erows):
+        assert row["train_loss"] == pytest.approx(erow["train_loss"], rel=1e-4)
+        assert row["bytes_up"] == erow["bytes_up"] == row["bytes_up_sent"]
+        assert row["bytes_down"] == erow["bytes_down"]
+        assert row["eval"]["global"]["accuracy"] == pytest.approx(erow["eval"]["global"]["accuracy"])
+
+
+@pytest.mark.slow
+def test_a_nan_reply_is_dropped_like_a_failed_client_in_the_engine(tiny):
+    server = flower_run(cfg_for(tiny, "flower-nan"), faults={2: "nan"})
+    for row in server.rows:
+        assert row["clients"] == [0, 1, 2] and [f["client"] for f in row["failed"]] == [2]
+        assert "NaN" in row["failed"][0]["error"] and "client 2" in row["failed"][0]["error"]
+
+    def loss_fn(model, batch, client):  # the engine loses client 2 every round (one forward: same dropout draws)
+        if client == 2:
+            return torch.tensor(float("nan"))
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        return torch.nn.functional.cross_entropy(logits, batch["labels"])
+
+    want, _ = engine_run(cfg_for(tiny, "engine-nan"), loss_fn=loss_fn)
+    assert_close_adapters(server.state.adapter, want.adapter)
+
+
+def test_too_few_valid_replies_fail_the_round_with_the_reasons(tiny):
+    with pytest.raises(RoundFailedError, match=r"round 1: 1 valid replies of 3 sampled, fewer than the minimum 2"
+                       r"; failures: client 1: invalid reply: .*rank mismatch.*; client 2: invalid reply: .*NaN"):
+        flower_run(cfg_for(tiny, "flower-few"), faults={1: "shape", 2: "nan"}, min_replies=2)
+
+
+def test_a_node_that_never_answers_does_not_stop_the_round(tiny):
+    server = flower_run(cfg_for(tiny, "flower-drop", train__rounds=1), drop=[1], round_timeout=1.0)
+    (row,) = server.rows
+    assert row["failed"] == [{"client": 1, "error": "no reply within the round timeout (1 s)"}]
+    assert list(row["client_loss"]) == ["0", "2"]
+
+
+def test_secagg_refuses_a_strategy_that_needs_individual_uploads(tiny):
+    server = FlowerServer(cfg_for(tiny, "secagg-flora", strategy__name='"flora"'), FlowerOptions(secagg=True))
+    with pytest.raises(ConfigError, match="'flora' cannot run under SecAgg\\+: SecAgg\\+ reveals only the sum"):
+        server.run(InProcessGrid(make_client_app(), 3))
+
+
+def test_records_round_trip_adapters_and_base_changes():
+    a = Adapter({"m.q": LoRAPair(torch.randn(2, 5), torch.randn(4, 2))}, {"m.classifier.weight": torch.randn(2, 4)})
+    back = rec.record_to_adapter(rec.adapter_to_record(a))
+    assert all(torch.equal(back.tensors()[k], v) for k, v in a.tensors().items())
+    assert rec.record_nbytes(rec.adapter_to_record(a, ("B",))) == a.nbytes(("B",))
+    delta = {"m.q": LoRAPair(torch.randn(3, 5), torch.randn(4, 3))}
+    got = rec.record_to_base_delta(rec.base_delta_to_record(delta))
+    assert torch.equal(got["m.q"].A, delta["m.q"].A) and torch.equal(got["m.q"].B, delta["m.q"].B)
+    with pytest.raises(Exception, match="lacks factor B"):
+        rec.record_to_base_delta(rec.tensors_to_record({"m.q::A": torch.zeros(1, 2)}))
+
+
+def test_a_node_without_a_partition_id_is_told_how_to_start(tiny):
+    grid = InProcessGrid(make_client_app(), 3)
+    for ctx in grid.contexts.values():
+        ctx.node_config.pop("partition-id")
+    with pytest.raises(ConfigError, match="node 10..: its node_config has no partition-id; start it with --node-config"):
+        FlowerServer(cfg_for(tiny, "no-pid"), FlowerOptions(node_wait=0.5), log=lambda s: None).run(grid)
