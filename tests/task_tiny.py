@@ -55,7 +55,7 @@ def make_toy_math(path: Path, n: int = 120, seed: int = 0) -> Path:
             a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.randint(0, 1)
             value = a + b if op == 0 else a - b
             word = "plus" if op == 0 else "minus"
-            question = f"what is {a} {word} {b} ?"
+            question = "so " * rng.randint(0, 3) + f"what is {a} {word} {b} ?"  # prompts of several lengths
             f.write(json.dumps({"question": question, "prompt": f"{question} give the result .", "answer": str(value),
                                 "solution": f"{a} {word} {b} is {value} . #### {value}", "template": op}) + "\n")
     return path

@@ -48,14 +48,15 @@ def clean_hellaswag(text: str) -> str:
 
 
 def _label_ints(split) -> list[int]:
-    """Gold indices as ints, whatever the label column's type (HellaSwag's are strings "0".."3"; a
-    ClassLabel built from such strings maps back through its names)."""
-    feat = split.features["label"]
-    names = getattr(feat, "names", None)
+    """Gold indices as ints, whatever the label column's type: ints, digit strings (HellaSwag's
+    "0".."3"), letters ("A", "B", ...), or a ClassLabel over any of these (mapped through its names)."""
+    names = getattr(split.features["label"], "names", None)
     out = []
     for v in split["label"]:
-        if names is not None and isinstance(v, int) and all(n.isdigit() for n in names):
+        if names is not None and isinstance(v, int) and 0 <= v < len(names):
             v = names[v]
+        if isinstance(v, str) and len(v) == 1 and "A" <= v <= "Z":
+            v = ord(v) - ord("A")
         try:
             out.append(int(v))
         except (TypeError, ValueError):
