@@ -97,3 +97,24 @@ def test_a_node_without_a_partition_id_is_told_how_to_start(tiny):
         ctx.node_config.pop("partition-id")
     with pytest.raises(ConfigError, match="node 10..: its node_config has no partition-id; start it with --node-config"):
         FlowerServer(cfg_for(tiny, "no-pid"), FlowerOptions(node_wait=0.5), log=lambda s: None).run(grid)
+
+
+def test_flower_app_command_writes_a_flower_app(tmp_path):
+    import argparse
+    import tomllib
+
+    from fedlora.flower import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    (tmp_path / "run.toml").write_text("[train]\nrounds = 2\n")
+    args = parser.parse_args(["flower", "app", str(tmp_path / "app"), "--config", str(tmp_path / "run.toml"),
+                              "--set", "train.lr=0.01", "--min-replies", "2"])
+    assert args.func(args) == 0
+    app = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fedlora.flower.serverapp:app",
+                                 "clientapp": "fedlora.flower.clientapp:app"}
+    from fedlora.flower.serverapp import config_from_run_config
+
+    cfg, opts = config_from_run_config(app["config"])
+    assert cfg.train.rounds == 2 and cfg.train.lr == 0.01 and opts.min_replies == 2
