@@ -131,3 +131,14 @@ def test_scalar_gauge_closed_form(factor):
     assert c == pytest.approx(expected)
     torch.testing.assert_close(out.A, ref.A)
     torch.testing.assert_close(out.B, ref.B)
+
+
+def test_batched_alignment_equals_layer_by_layer():
+    refs = [rand_pair(4, seed=s) for s in range(5)]
+    clients = [rand_pair(4, seed=10 + s) for s in range(5)]
+    stack = lambda ps, i: torch.stack([p[i] for p in ps])  # noqa: E731
+    for factor in ("A", "B"):
+        R = alignment_rotation(LoRAPair(stack(clients, 0), stack(clients, 1)),
+                               LoRAPair(stack(refs, 0), stack(refs, 1)), factor, lam=0.6)
+        for i, (c, r) in enumerate(zip(clients, refs)):
+            torch.testing.assert_close(R[i], alignment_rotation(c, r, factor, lam=0.6), rtol=1e-10, atol=1e-10)

@@ -25,17 +25,17 @@ def _nearest_special_orthogonal(M: Tensor) -> Tensor:
     """argmax_{R ∈ SO(r)} tr(Rᵀ M): with M = U Σ Vᵀ, R = U·diag(1, …, 1, det(U Vᵀ))·Vᵀ.
 
     The same formula is the polar projection of M onto SO(r) (nearest rotation in Frobenius norm).
+    Works on a batch (…, r, r): one batched SVD and determinant for all layers.
     """
     U, _, Vh = torch.linalg.svd(M)
-    d = torch.linalg.det(U @ Vh)
-    if d < 0:  # flip the direction of the smallest singular value (the last row of Vᵀ)
-        Vh = Vh.clone()
-        Vh[-1] = -Vh[-1]
+    sign = torch.where(torch.linalg.det(U @ Vh) < 0, -1.0, 1.0).to(M.dtype)
+    # flip the direction of the smallest singular value (the last row of Vᵀ) where det < 0
+    Vh = torch.cat([Vh[..., :-1, :], Vh[..., -1:, :] * sign[..., None, None]], dim=-2)
     return U @ Vh
 
 
 def procrustes(M: Tensor) -> Tensor:
-    """The rotation R* ∈ SO(r) that maximises tr(Rᵀ M) for the r×r cross matrix M.
+    """The rotation R* ∈ SO(r) that maximises tr(Rᵀ M) for the r×r cross matrix M (or a batch of them).
 
     - Aligning A (min ‖Rᵀ A − A_ref‖_F): M = A·A_refᵀ.
     - Aligning B (min ‖B R − B_ref‖_F): M = Bᵀ·B_ref.
@@ -50,9 +50,9 @@ def soft_rotation(R_star: Tensor, lam: float) -> Tensor:
     The paper's Lemma A.1 bounds ‖R_soft − I‖_F ≤ 2λ‖R* − I‖_F.
     """
     check_lambda(lam)
-    eye = torch.eye(R_star.shape[0], dtype=R_star.dtype, device=R_star.device)
+    eye = torch.eye(R_star.shape[-1], dtype=R_star.dtype, device=R_star.device)
     if lam == 0:
-        return eye
+        return eye.expand_as(R_star).clone()
     if lam == 1:
         return R_star
     return _nearest_special_orthogonal((1 - lam) * eye + lam * R_star)
@@ -74,27 +74,31 @@ def haar_rotation(r: int, generator: torch.Generator | None = None, dtype: torch
 
 
 def alignment_rotation(pair: LoRAPair, ref: LoRAPair, factor: str, lam: float = 1.0) -> Tensor:
-    """The (soft) rotation that aligns ``factor`` ("A" or "B") of ``pair`` to ``ref``."""
+    """The (soft) rotation that aligns ``factor`` ("A" or "B") of ``pair`` to ``ref``.
+
+    The factors may carry leading batch dimensions (A: …×r×d_in, B: …×d_out×r): one rotation per
+    batch entry, computed with batched linear algebra.
+    """
     dt = _work_dtype(pair.A)
     if factor == "A":
-        M = pair.A.to(dt) @ ref.A.to(dt).T
+        M = pair.A.to(dt) @ ref.A.to(dt).mT
     elif factor == "B":
-        M = pair.B.to(dt).T @ ref.B.to(dt)
+        M = pair.B.to(dt).mT @ ref.B.to(dt)
     else:
         raise ConfigError(f"aligned factor must be 'A' or 'B', got {factor!r}")
-    if M.shape[0] != M.shape[1]:
-        raise ConfigError(f"cannot align rank {pair.rank} factors to a rank {ref.rank} reference")
+    if M.shape[-1] != M.shape[-2]:
+        raise ConfigError(f"cannot align rank {pair.A.shape[-2]} factors to a rank {ref.A.shape[-2]} reference")
     return soft_rotation(procrustes(M), lam)
 
 
 def rotate(pair: LoRAPair, R: Tensor) -> LoRAPair:
-    """Re-gauge one layer: A ← Rᵀ·A, B ← B·R. The product B·A is unchanged.
+    """Re-gauge one layer (or a batch): A ← Rᵀ·A, B ← B·R. The product B·A is unchanged.
 
     The multiplication happens in the rotation's dtype (≥ float32); the result is cast back to the
     factors' dtype.
     """
     dt = R.dtype
-    return LoRAPair((R.T @ pair.A.to(dt)).to(pair.A.dtype), (pair.B.to(dt) @ R).to(pair.B.dtype))
+    return LoRAPair((R.mT @ pair.A.to(dt)).to(pair.A.dtype), (pair.B.to(dt) @ R).to(pair.B.dtype))
 
 
 def scalar_gauge(pair: LoRAPair, ref: LoRAPair, factor: str) -> tuple[LoRAPair, float]:

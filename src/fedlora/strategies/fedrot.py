@@ -19,7 +19,7 @@ import torch
 
 from fedlora.align import alignment_rotation, check_lambda, haar_rotation, rotate, scalar_gauge
 from fedlora.errors import ConfigError
-from fedlora.factors import Adapter
+from fedlora.factors import Adapter, LoRAPair
 from fedlora.strategies.base import ClientContext, Strategy
 from fedlora.strategies.registry import register
 
@@ -70,20 +70,41 @@ class FedRot(Strategy):
         factor = self.aligned_factor(ctx.round)
         if factor is None or (self.gauge == "procrustes" and self.lam == 0):
             return adapter, {}
-        layers, sizes = {}, {}
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{ctx.seed}/{ctx.client_id}/{ctx.round}".encode()))
-        for name, pair in adapter.layers.items():
-            ref = reference.layers[name]
-            if self.gauge == "scalar":
-                layers[name], c = scalar_gauge(pair, ref, factor)
-                sizes[name] = abs(c - 1.0)
-                continue
-            if self.gauge == "random":
+        if self.gauge == "procrustes":
+            layers, sizes = _procrustes_by_shape(adapter, reference, factor, self.lam)
+        else:
+            layers, sizes = {}, {}
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{ctx.seed}/{ctx.client_id}/{ctx.round}".encode()))
+            for name, pair in adapter.layers.items():
+                if self.gauge == "scalar":
+                    layers[name], c = scalar_gauge(pair, reference.layers[name], factor)
+                    sizes[name] = abs(c - 1.0)
+                    continue
                 R = haar_rotation(pair.rank, gen, dtype=torch.float64 if pair.A.dtype == torch.float64 else torch.float32)
-            else:
-                R = alignment_rotation(pair, ref, factor, self.lam)
-            layers[name] = rotate(pair, R)
-            sizes[name] = float(torch.linalg.matrix_norm(R - torch.eye(R.shape[0], dtype=R.dtype)))
+                layers[name] = rotate(pair, R)
+                sizes[name] = float(torch.linalg.matrix_norm(R - torch.eye(R.shape[0], dtype=R.dtype)))
         info = {"aligned": factor, "rotation_size": sizes}
-        return Adapter(layers, dict(adapter.extras)), info
+        return Adapter({n: layers[n] for n in adapter.layers}, dict(adapter.extras)), info
 
+
+def _procrustes_by_shape(adapter: Adapter, reference: Adapter, factor: str, lam: float):
+    """Align every layer, batching layers of the same shape and dtype into one batched SVD and bmm.
+
+    Per-layer work is a handful of tiny r×r operations, so a loop over layers is dominated by
+    dispatch overhead; stacking same-shaped layers (e.g. every query and value of a transformer)
+    makes it a few batched calls. Returns (layer → rotated pair, layer → ‖R − I‖_F).
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, pair in adapter.layers.items():
+        key = (tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype, pair.B.dtype, pair.A.device)
+        groups.setdefault(key, []).append(name)
+    layers, sizes = {}, {}
+    for names in groups.values():
+        stack = lambda src, i: torch.stack([src.layers[n][i] for n in names])  # noqa: E731
+        pairs = LoRAPair(stack(adapter, 0), stack(adapter, 1))
+        R = alignment_rotation(pairs, LoRAPair(stack(reference, 0), stack(reference, 1)), factor, lam)
+        rotated = rotate(pairs, R)
+        eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+        for n, A, B, size in zip(names, rotated.A, rotated.B, torch.linalg.matrix_norm(R - eye).tolist()):
+            layers[n], sizes[n] = LoRAPair(A, B), size
+    return layers, sizes
