@@ -118,3 +118,20 @@ def test_flower_app_command_writes_a_flower_app(tmp_path):
 
     cfg, opts = config_from_run_config(app["config"])
     assert cfg.train.rounds == 2 and cfg.train.lr == 0.01 and opts.min_replies == 2
+
+
+@pytest.mark.slow
+def test_secagg_plus_gives_the_plain_result_within_the_quantisation_step(tiny):
+    """fedsa (sum-compatible) under Flower's SecAgg+ (masking, quantisation to 2^22 levels over
+    [-8, 8]) equals the embedded engine's plain run to a few quantisation steps after 2 rounds."""
+    cfg = cfg_for(tiny, "secagg-fedsa", strategy__name='"fedsa"')
+    server = FlowerServer(cfg, FlowerOptions(secagg=True, round_timeout=5, node_wait=1), log=lambda s: None)
+    server.run(InProcessGrid(make_client_app(secagg=True), 3))
+    want, erows = engine_run(cfg_for(tiny, "plain-fedsa", strategy__name='"fedsa"'))
+    step = 2 * 8.0 / 4194304  # SecAggPlusWorkflow's clipping_range and quantization_range
+    got, ref = server.state.adapter.tensors(), want.adapter.tensors()
+    err = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+    assert 0 < err < 25 * step  # masked (not bit-identical), yet within the quantisation error
+    for row, erow in zip(server.rows, erows):
+        assert row["diagnostics"] is None  # the server never sees an individual upload
+        assert (row["bytes_up"], row["bytes_down"]) == (erow["bytes_up"], erow["bytes_down"])

@@ -27,7 +27,7 @@ publisher = "fedlora"
 
 [tool.flwr.app.components]
 serverapp = "fedlora.flower.serverapp:app"
-clientapp = "fedlora.flower.clientapp:app"
+clientapp = "fedlora.flower.clientapp:{clientapp}"
 
 [tool.flwr.app.config]
 config = "{config}"
@@ -35,7 +35,7 @@ overrides = "{overrides}"
 min-replies = {min_replies}
 round-timeout = {round_timeout}
 node-wait = 120.0
-secagg = false
+secagg = {secagg}
 """
 
 
@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--min-replies", type=int, default=1, help="valid replies a round needs (default 1)")
     s.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for replies (default 600)")
+    s.add_argument("--secagg", action="store_true",
+                   help="aggregate with Flower's SecAgg+ (strategies with secure_aggregation only)")
     s.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per ClientApp (default 1)")
     s.add_argument("--gpus-per-client", type=float, default=0.0, help="Ray GPUs per ClientApp (default 0)")
     s.set_defaults(func=cmd_sim)
@@ -58,19 +60,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     a.add_argument("--min-replies", type=int, default=1)
     a.add_argument("--round-timeout", type=float, default=600.0)
+    a.add_argument("--secagg", action="store_true", help="SecAgg+ (the ClientApp with secaggplus_mod)")
     a.set_defaults(func=cmd_app)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def write_app(directory: str | Path, config: str | Path, overrides: list[str] = (), min_replies: int = 1,
-              round_timeout: float = 600.0) -> Path:
+              round_timeout: float = 600.0, secagg: bool = False) -> Path:
     """Write a Flower App directory whose ServerApp/ClientApp are fedlora's; returns its path."""
     from fedlora.sim.rundir import atomic_write
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     text = APP_PYPROJECT.format(dir=d, config=Path(config).resolve().as_posix(), overrides=";".join(overrides),
-                                min_replies=int(min_replies), round_timeout=float(round_timeout))
+                                min_replies=int(min_replies), round_timeout=float(round_timeout),
+                                clientapp="secagg_app" if secagg else "app", secagg="true" if secagg else "false")
     atomic_write(d / "pyproject.toml", text)
     return d
 
@@ -88,7 +92,8 @@ def run_sim(cfg, options=None, *, faults: dict[int, str] | None = None, cpus_per
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
     results: dict[str, Any] = {}
     cpus = max(1, os.cpu_count() or 1)
-    run_simulation(make_server_app(cfg, options or FlowerOptions(), results), make_client_app(faults),
+    options = options or FlowerOptions()
+    run_simulation(make_server_app(cfg, options, results), make_client_app(faults, secagg=options.secagg),
                    num_supernodes=cfg.partition.num_clients,
                    backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
                                    "init_args": {"num_cpus": cpus, "include_dashboard": False,
@@ -107,13 +112,14 @@ def cmd_sim(args) -> int:
     from fedlora.flower.serverapp import FlowerOptions
 
     cfg = load_config(args.config, args.overrides)
-    out = run_sim(cfg, FlowerOptions(min_replies=args.min_replies, round_timeout=args.round_timeout),
+    out = run_sim(cfg, FlowerOptions(min_replies=args.min_replies, round_timeout=args.round_timeout,
+                                     secagg=args.secagg),
                   cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
     print(f"run directory: {out['summary']['run_dir']}")
     return 0
 
 
 def cmd_app(args) -> int:
-    d = write_app(args.dir, args.config, args.overrides, args.min_replies, args.round_timeout)
+    d = write_app(args.dir, args.config, args.overrides, args.min_replies, args.round_timeout, args.secagg)
     print(f"Flower App written to {d}; run it with: flwr run {d} <connection> --stream")
     return 0

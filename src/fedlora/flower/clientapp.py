@@ -30,7 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, FedLoRAError
 from fedlora.factors import Adapter
 from fedlora.flower import records as rec
 from fedlora.strategies import ClientContext, GlobalState
@@ -160,55 +160,87 @@ def _inject_fault(kind: str, payload: Mapping[str, torch.Tensor]) -> dict[str, t
     return out
 
 
-def make_client_app(faults: Mapping[int, str] | None = None) -> ClientApp:
-    """The fedlora ClientApp. ``faults`` (tests only) maps a partition id to a fault its replies
+def train_round(content: RecordDict, context: Context, faults: Mapping[int, str]) -> dict:
+    """One TRAIN message's work: returns {"payload" (None if training failed), "metrics", "info",
+    "weighting"}."""
+    cfg_rec = content.config_records[rec.KEY_CONFIG]
+    cached = cached_federation(str(cfg_rec["fedlora-config"]))
+    fed = cached.fed
+    k = partition_of(context, fed.num_clients)
+    state = _global_state(context, content)
+    base_version = _apply_base(cached, context, content)
+    personal = None
+    if STATE_PERSONAL in context.state.array_records:
+        personal = rec.record_to_adapter(context.state.array_records[STATE_PERSONAL])
+    ctx = ClientContext(client_id=k, round=state.round, num_samples=len(fed.client_train[k]),
+                        rank=fed.client_ranks[k], alpha=fed.cfg.lora.alpha,
+                        num_clients=int(cfg_rec["num-sampled"]), total_clients=fed.num_clients,
+                        seed=fed.cfg.run.seed)
+    from fedlora.sim.engine import client_round
+
+    result, adapter, mine, info = client_round(fed, state, personal, ctx)
+    metrics = {"num-examples": ctx.num_samples, "partition-id": k, "rank": ctx.rank or 0,
+               "steps": result.steps, "base-version": base_version, "failed": int(adapter is None)}
+    out = {"payload": None, "metrics": metrics, "info": {"error": result.error or "failed"},
+           "weighting": fed.strategy.weighting}
+    if adapter is None:
+        return out
+    if mine is not None:
+        context.state.array_records[STATE_PERSONAL] = rec.adapter_to_record(mine)
+    payload = fed.strategy.payload(adapter, state.round)
+    fault = faults.get(k) or context.node_config.get("fedlora-fault")
+    if fault:
+        payload = _inject_fault(str(fault), payload)
+    metrics.update(scaling=float(info.pop("scaling")), loss=float(result.loss))
+    out.update(payload=payload, info=info)
+    return out
+
+
+def make_client_app(faults: Mapping[int, str] | None = None, secagg: bool = False) -> ClientApp:
+    """The fedlora ClientApp. ``secagg``: the SecAgg+ variant (``secaggplus_mod``; see
+    :mod:`fedlora.flower.secagg`). ``faults`` (tests only) maps a partition id to a fault its replies
     carry (``"nan"``, ``"shape"``, ``"exit"``); a node's ``node_config["fedlora-fault"]`` does the same
     in a deployment."""
-    app = ClientApp()
+    mods = []
+    if secagg:
+        from flwr.client.mod import secaggplus_mod
+
+        mods.append(secaggplus_mod)
+    app = ClientApp(mods=mods)
     faults = dict(faults or {})
 
-    @app.query()
     def query(msg: Message, context: Context) -> Message:
         nc = context.node_config
         return Message(RecordDict({rec.KEY_NODE: ConfigRecord({
             "partition-id": int(nc.get("partition-id", -1)), "num-partitions": int(nc.get("num-partitions", -1))})}),
             reply_to=msg)
 
+    app.query()(query)
+
+    if secagg:
+        from fedlora.flower import secagg as sa
+
+        @app.train()
+        def train_secagg(msg: Message, context: Context) -> Message:
+            out = train_round(sa.fitins_to_content(msg.content), context, faults)
+            if out["payload"] is None:  # no upload: the workflow counts this node as dropped
+                raise FedLoRAError(out["info"]["error"])
+            weight = out["metrics"]["num-examples"] if out["weighting"] == "samples" else 1
+            return Message(sa.reply_to_fitres(out["payload"], weight, dict(out["metrics"],
+                                              info=rec.to_json(out["info"], "client info"))), reply_to=msg)
+
+        return app
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        content = msg.content
-        cfg_rec = content.config_records[rec.KEY_CONFIG]
-        cached = cached_federation(str(cfg_rec["fedlora-config"]))
-        fed = cached.fed
-        k = partition_of(context, fed.num_clients)
-        state = _global_state(context, content)
-        base_version = _apply_base(cached, context, content)
-        personal = None
-        if STATE_PERSONAL in context.state.array_records:
-            personal = rec.record_to_adapter(context.state.array_records[STATE_PERSONAL])
-        ctx = ClientContext(client_id=k, round=state.round, num_samples=len(fed.client_train[k]),
-                            rank=fed.client_ranks[k], alpha=fed.cfg.lora.alpha,
-                            num_clients=int(cfg_rec["num-sampled"]), total_clients=fed.num_clients,
-                            seed=fed.cfg.run.seed)
-        from fedlora.sim.engine import client_round
-
-        result, adapter, mine, info = client_round(fed, state, personal, ctx)
-        metrics = {"num-examples": ctx.num_samples, "partition-id": k, "rank": ctx.rank or 0,
-                   "steps": result.steps, "base-version": base_version}
-        if adapter is None:  # local training failed (NaN loss): report it, upload nothing
-            return Message(RecordDict({rec.KEY_METRICS: MetricRecord(dict(metrics, failed=1)),
-                                       rec.KEY_INFO: ConfigRecord({"error": result.error or "failed"})}), reply_to=msg)
-        if mine is not None:
-            context.state.array_records[STATE_PERSONAL] = rec.adapter_to_record(mine)
-        payload = fed.strategy.payload(adapter, state.round)
-        fault = faults.get(k) or context.node_config.get("fedlora-fault")
-        if fault:
-            payload = _inject_fault(str(fault), payload)
-        scaling = info.pop("scaling")
+        out = train_round(msg.content, context, faults)
+        if out["payload"] is None:  # local training failed (NaN loss): report it, upload nothing
+            return Message(RecordDict({rec.KEY_METRICS: MetricRecord(out["metrics"]),
+                                       rec.KEY_INFO: ConfigRecord({"error": out["info"]["error"]})}), reply_to=msg)
         return Message(RecordDict({
-            rec.KEY_PAYLOAD: rec.tensors_to_record(payload),
-            rec.KEY_METRICS: MetricRecord(dict(metrics, failed=0, scaling=float(scaling), loss=float(result.loss))),
-            rec.KEY_INFO: ConfigRecord({"info": rec.to_json(info, f"client {k} info")}),
+            rec.KEY_PAYLOAD: rec.tensors_to_record(out["payload"]),
+            rec.KEY_METRICS: MetricRecord(out["metrics"]),
+            rec.KEY_INFO: ConfigRecord({"info": rec.to_json(out["info"], f"client {out['metrics']['partition-id']} info")}),
         }), reply_to=msg)
 
     return app
@@ -221,3 +253,5 @@ def cached_runs() -> dict[str, RunConfig]:
 
 #: The app ``flwr run`` loads (``[tool.flwr.app.components] clientapp``).
 app = make_client_app()
+#: The SecAgg+ variant (``clientapp = "fedlora.flower.clientapp:secagg_app"``, with ``secagg = true``).
+secagg_app = make_client_app(secagg=True)

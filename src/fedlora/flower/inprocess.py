@@ -8,6 +8,7 @@ use ``fedlora flower sim`` or a deployment for real runs.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterable, Mapping
 
@@ -65,7 +66,9 @@ class InProcessGrid(Grid):
             ids.append(mid)
             if msg.metadata.dst_node_id in self.drop and msg.metadata.message_type == MessageType.TRAIN:
                 continue
-            self.replies[mid] = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            # a transport delivers a copy: handlers (e.g. secaggplus_mod) may change what they receive
+            reply = self.client_app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
+            self.replies[mid] = copy.deepcopy(reply)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102

@@ -75,8 +75,6 @@ class FlowerServer:
             raise ConfigError(f"strategy {strategy.name!r} cannot run under SecAgg+: SecAgg+ reveals only the sum of "
                               "the uploads, and this strategy's server needs each client's upload (e.g. to stack, "
                               "re-factor or correct them), so it would have nothing to aggregate")
-        raise ConfigError("SecAgg+ is not wired into the fedlora ServerApp yet (see docs/flower.md, 'Secure "
-                          "aggregation')")
 
     # ---- nodes ----------------------------------------------------------------------------------
     def discover(self, grid: Grid, num_clients: int) -> dict[int, int]:
@@ -171,6 +169,58 @@ class FlowerServer:
         good.sort(key=lambda g: g[0])  # the engine's order: sampled clients in increasing id
         return good, failed
 
+    def plain_collect(self, grid: Grid, state: GlobalState, msgs: list[Message], sampled: list[int]):
+        """Send the round's messages, wait for the replies, check each (see :meth:`collect`)."""
+        ids = list(grid.push_messages(msgs))
+        sent_to = dict(zip(ids, sampled))
+        replies = self.pull(grid, ids)
+        good, failed = self.collect(replies, state, sent_to)
+        answered = {sent_to.get(r.metadata.reply_to_message_id) for r in replies}
+        failed += [{"client": k, "error": f"no reply within the round timeout ({self.options.round_timeout:.0f} s)"}
+                   for k in sampled if k not in answered]
+        failed.sort(key=lambda f: str(f["client"]))
+        return good, failed
+
+    def secagg_collect(self, grid: Grid, state: GlobalState, msgs: list[Message], sampled: list[int],
+                       pid_to_node: dict[int, int], fed):
+        """The round under SecAgg+: per-client entries (metrics, and the aggregate adapter standing in
+        for each client's, for byte counts) and the one aggregate ClientUpdate the strategy sees."""
+        from fedlora.flower.secagg import secagg_round
+
+        strategy = self.strategy
+        node_to_pid = {n: k for k, n in pid_to_node.items()}
+        run_id = grid.run.run_id if getattr(grid, "run", None) is not None else 0
+        bridge = secagg_round(grid, run_id, state.round, {m.metadata.dst_node_id: m.content for m in msgs},
+                              max_weight=float(sum(len(fed.client_train[k]) for k in sampled)),
+                              timeout=self.options.round_timeout)
+        reported = {node_to_pid[n]: (w, m) for n, w, m in bridge.metrics}
+        failed = [{"client": k, "error": "dropped out of SecAgg+ (error or no reply)"}
+                  for k in sampled if k not in reported]
+        if bridge.aggregate is None:
+            raise RoundFailedError(f"round {state.round + 1}: SecAgg+ did not complete (fewer nodes than its "
+                                   f"reconstruction threshold); failures: {failed}")
+        keys = list(strategy.payload(state.adapter, state.round))
+        if len(keys) != len(bridge.aggregate):
+            raise AggregationInputError(f"SecAgg+ aggregate has {len(bridge.aggregate)} arrays, the payload {len(keys)}")
+        mean = {k: torch.from_numpy(np.asarray(a)).to(state.adapter.tensors()[k].dtype)
+                for k, a in zip(keys, bridge.aggregate)}
+        scalings = {float(m["scaling"]) for _, m in reported.values()}
+        if len(scalings) != 1:
+            raise AggregationInputError(f"SecAgg+ needs one LoRA scaling across clients, got {sorted(scalings)}")
+        scaling = scalings.pop()
+        adapter = strategy.receive(mean, state, state.round)
+        secure = ClientUpdate("secagg", adapter, sum(int(m["num-examples"]) for _, m in reported.values()), scaling, {})
+        good = []
+        for k in sorted(reported):
+            _, m = reported[k]
+            ctx = ClientContext(client_id=k, round=state.round, num_samples=int(m["num-examples"]),
+                                rank=int(m["rank"]) or None, alpha=self.cfg.lora.alpha,
+                                total_clients=self.num_clients, seed=self.cfg.run.seed)
+            upd = ClientUpdate(k, adapter, int(m["num-examples"]), scaling, {})
+            good.append((k, upd, ctx, float(m["loss"]), strategy.upload_bytes(adapter, state.round),
+                         int(m["base-version"])))
+        return good, failed, secure
+
     def pull(self, grid: Grid, ids: list[str]) -> list[Message]:
         """Replies to ``ids`` until all are in or the round timeout passes (what is missing then
         counts as failed). A node that disconnects gets an error reply from the SuperLink once it
@@ -220,14 +270,10 @@ class FlowerServer:
                                                  known_base.get(node, 0))
                 msgs.append(msg)
                 sent[k] = nbytes
-            ids = list(grid.push_messages(msgs))
-            sent_to = dict(zip(ids, sampled))
-            replies = self.pull(grid, ids)
-            good, failed = self.collect(replies, state, sent_to)
-            answered = {sent_to.get(r.metadata.reply_to_message_id) for r in replies}
-            failed += [{"client": k, "error": f"no reply within the round timeout ({self.options.round_timeout:.0f} s)"}
-                       for k in sampled if k not in answered]
-            failed.sort(key=lambda f: str(f["client"]))
+            if self.options.secagg:
+                good, failed, secure = self.secagg_collect(grid, state, msgs, sampled, pid_to_node, fed)
+            else:
+                good, failed = self.plain_collect(grid, state, msgs, sampled)
             for k, _, _, _, _, version in good:
                 has_global.add(pid_to_node[k])
                 known_base[pid_to_node[k]] = version
@@ -241,12 +287,14 @@ class FlowerServer:
             updates = [g[1] for g in good]
             contexts = [dataclasses.replace(g[2], num_clients=len(sampled)) for g in good]
             previous = state
-            state = strategy.aggregate(updates, state)
+            # under SecAgg+ the server holds only the weighted average: one aggregate update, no diagnostics
+            state = strategy.aggregate([secure] if self.options.secagg else updates, state)
             if state.base_delta:
                 fed.shared.merge_base(state.base_delta)
                 deltas.append(state.base_delta)
-            diag = round_diagnostics(updates, strategy.weights(updates), state,
-                                     personalised=any(strategy.personal_state(u.adapter) is not None for u in updates))
+            diag = None if self.options.secagg else round_diagnostics(
+                updates, strategy.weights(updates), state,
+                personalised=any(strategy.personal_state(u.adapter) is not None for u in updates))
             comm = communication_bytes(strategy, previous, updates, contexts)
             evaluation, t_eval = None, 0.0
             if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds:
@@ -259,7 +307,7 @@ class FlowerServer:
                 "round": t, "clients": sampled, "failed": failed,
                 "train_loss": float(np.dot(w, list(losses.values())) / w.sum()),
                 "client_loss": {str(k): v for k, v in losses.items()},
-                "eval": evaluation, "diagnostics": diag.to_dict(),
+                "eval": evaluation, "diagnostics": diag.to_dict() if diag is not None else None,
                 "bytes_up": comm["bytes_up_total"], "bytes_down": comm["bytes_down_total"],
                 "bytes_up_sent": sum(g[4] for g in good), "bytes_down_sent": sum(sent[g[0]] for g in good),
                 "train_s": t_train, "eval_s": t_eval, "wall_s": time.perf_counter() - t0,
