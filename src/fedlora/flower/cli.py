@@ -107,8 +107,21 @@ def run_sim(cfg, options=None, *, faults: dict[int, str] | None = None, cpus_per
     return results
 
 
+def require_flower() -> None:
+    """A clear error when the optional Flower extra is missing."""
+    import importlib.util
+
+    from fedlora.errors import FedLoRAError
+
+    for module, extra in (("flwr", "fedlora[flower]"), ("ray", "fedlora[flower] (flwr[simulation])")):
+        if importlib.util.find_spec(module) is None:
+            raise FedLoRAError(f"fedlora flower needs {module!r}: pip install \"{extra}\"")
+
+
 def cmd_sim(args) -> int:
     from fedlora.config import load_config
+
+    require_flower()
     from fedlora.flower.serverapp import FlowerOptions
 
     cfg = load_config(args.config, args.overrides)
