@@ -110,6 +110,8 @@ def test_nan_client_is_dropped_and_recorded(tiny):
     assert summary["failed_client_rounds"] == 2
     with pytest.raises(ClientTrainingError, match="client 1: loss is nan"):
         run(cfg_for(tiny, "nan-fast", train__fail_fast="true"), loss_fn=loss_fn, log=lambda s: None)
+    fast = sorted((tiny[0] / "runs").glob("nan-fast*"))[-1]
+    assert json.load(open(fast / "summary.json"))["status"].startswith("failed: client 1: loss is nan")
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -58,8 +58,9 @@ def print_comparison(rows: Sequence[dict[str, Any]], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("strategy", "best acc", "final acc", "personal acc (w)", "mean rel. agg. error", "upload MB",
-                  "rounds", "time s", title="fedlora comparison")
+    table = Table("strategy", "best acc", "final acc", "personal", "agg. err", "up MB", "rounds", "time s",
+                  title="fedlora comparison", caption="acc: global validation accuracy; personal: each client's "
+                  "model on its held-out slice (weighted); agg. err: mean relative aggregation error")
     for r in rows:
         table.add_row(str(r["strategy"]), _fmt(r["best"], ".4f"), _fmt(r["final"], ".4f"), _fmt(r["personal"], ".4f"),
                       _fmt(r["agg_error_rel"], ".2e"), _fmt(r["up_mb"], ".2f"), _fmt(r["rounds"], "d"),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, FedLoRAError
 from fedlora.factors import Adapter
 from fedlora.sim import client as client_mod
 from fedlora.sim.model import SharedModel, autocast_for, load_tokenizer, pick_device, target_modules_for
@@ -409,6 +409,9 @@ def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progr
         status = "interrupted"
         say(f"interrupted after {complete[0].round} complete rounds of {cfg.train.rounds}; "
             f"resume with: fedlora run --resume {rundir.path}")
+    except FedLoRAError as e:  # fail_fast, or a strategy rejecting the round: keep what is complete, then raise
+        finish(fed, rundir, *complete, f"failed: {e}", time.perf_counter() - t_start)
+        raise
     summary = finish(fed, rundir, *complete, status, time.perf_counter() - t_start)
     if status == "interrupted":
         raise KeyboardInterrupt
@@ -431,7 +434,7 @@ def finish(fed: Federation, rundir: RunDir, state: GlobalState, base_merged: dic
                         task_type=fed.task.peft_task_type, target_modules=fed.target_modules, dropout=cfg.lora.dropout,
                         base_delta=fed.shared.base_delta_state_dict(base_merged))
     rows = rundir.read_metrics()
-    summary = summarize(rows, fed.task.metrics[0])
+    summary = summarize(rows, fed.task.metrics[0], higher_is_better=fed.task.higher_is_better)
     summary.update(status=status, strategy=cfg.strategy.name, model=cfg.model.name, dataset=cfg.data.source,
                    num_clients=fed.num_clients, num_labels=fed.num_labels, rounds_completed=state.round,
                    rounds=cfg.train.rounds, wall_s=wall_s, run_dir=str(rundir.path),
@@ -441,9 +444,10 @@ def finish(fed: Federation, rundir: RunDir, state: GlobalState, base_merged: dic
     return summary
 
 
-def summarize(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = True) -> dict[str, Any]:
     """Best and final values of the headline metric (global and personal), mean aggregation error,
     bytes and failures, from metrics rows."""
+    best = max if higher_is_better else min
     def series(get):
         out = []
         for r in rows:
@@ -459,9 +463,9 @@ def summarize(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     err = series(lambda r: r["diagnostics"]["agg_error_rel"])
     return {
         "metric": metric,
-        f"best_{metric}": max(glob) if glob else None,
+        f"best_{metric}": best(glob) if glob else None,
         f"final_{metric}": glob[-1] if glob else None,
-        f"best_personal_{metric}_weighted": max(pers_w) if pers_w else None,
+        f"best_personal_{metric}_weighted": best(pers_w) if pers_w else None,
         f"final_personal_{metric}_weighted": pers_w[-1] if pers_w else None,
         f"final_personal_{metric}_unweighted": pers_u[-1] if pers_u else None,
         "mean_agg_error_rel": float(np.mean(err)) if err else None,

@@ -69,6 +69,9 @@ class Task:
     name: ClassVar[str] = ""
     peft_task_type: ClassVar[str] = ""
     metrics: ClassVar[tuple[str, ...]] = ("loss",)
+    #: whether a larger headline metric (``metrics[0]``) is better ("best" in the summary is then its
+    #: max); a task whose headline is a loss or perplexity sets False
+    higher_is_better: ClassVar[bool] = True
 
     def __init__(self, tokenizer, max_length: int):
         self.tokenizer = tokenizer
