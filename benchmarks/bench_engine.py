@@ -6,9 +6,12 @@
    model, with none of the engine's work around them (adapter copies, strategy hooks, aggregation,
    diagnostics, metrics, checkpoints). Interleaving the two makes them share the machine's load.
    Target: engine / bare ≤ 1.10.
-2. Memory. Peak RSS, and RSS at the end, of a whole run (one process each) with N = 10 and N = 100
-   clients, for fedit (no per-client state) and fedsa (each client keeps its B). The base model is
-   shared, so the growth should be about (100 − 10) × the personal state's size.
+2. Memory. A run (one process each) with N = 10 and N = 100 clients, 10 of them per round for
+   N/10 rounds, for fedit (no per-client state) and fedsa (each client that trained keeps its B).
+   The peak RSS of the rounds (the high-water mark is reset when they start) minus the RSS at their
+   start is what the rounds hold; the base model is shared, so its growth from N = 10 to 100 should
+   be about (the extra personal states) × (their size). (With every client in every round the server also holds every upload of the round, and
+   the diagnostics' Gram matrices grow as (Σ r_k)²: memory per round, not per federation.)
 
 The Flower comparison (issue 4's third row) is not run here: it needs ``flwr[simulation]``; see
 the Flower benchmark for it.
@@ -130,8 +133,10 @@ def rss_child(args) -> None:
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, overrides(args, out, **{
-            "partition.num_clients": str(args.rss_clients), "partition.method": '"iid"', "train.rounds": "1",
+            "partition.num_clients": str(args.rss_clients), "partition.method": '"iid"',
+            "train.rounds": str(max(1, args.rss_clients // 10)),
             "train.local_steps": "1", "strategy.name": f'"{args.strategy}"', "data.eval_examples": "16",
+            "train.clients_per_round": "10",
             "lora.r": str(args.rss_rank), "lora.alpha": str(2.0 * args.rss_rank)}))
         # the peak while loading the model and data is the same for any N; reset the high-water mark
         # (Linux: write 5 to /proc/self/clear_refs) when the rounds start, to see what the rounds add
@@ -153,12 +158,13 @@ def rss_child(args) -> None:
         ckpt = RunDir(Path(summary["run_dir"])).load_checkpoint()
         personal = [a for a in ckpt["personal"].values() if a is not None]
         per_client = personal[0].nbytes() if personal else 0
+        held = len(personal)
         adapter = ckpt["state"].adapter.nbytes()
     print(json.dumps({"clients": args.rss_clients, "strategy": args.strategy,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "rss_after_run_mib": rss_now, "rss_before_rounds_mib": rss_before_rounds[0],
                       "peak_rss_rounds_mib": rounds_peak, "rank": args.rss_rank,
-                      "personal_bytes_per_client": per_client, "adapter_bytes": adapter}))
+                      "personal_bytes_per_client": per_client, "personal_states": held, "adapter_bytes": adapter}))
 
 
 def memory(args) -> list[dict]:
@@ -184,7 +190,7 @@ def main() -> None:
     p.add_argument("--rss-clients", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-overhead", action="store_true")
-    p.add_argument("--rss-rank", type=int, default=16, help="LoRA rank of the memory runs (a bigger state shows)")
+    p.add_argument("--rss-rank", type=int, default=64, help="LoRA rank of the memory runs (a bigger state shows)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_engine.json"))
     args = p.parse_args()
     if args.rss_clients:
@@ -214,19 +220,20 @@ def main() -> None:
         t.add_row("s per step", f"{o['engine_s_per_step']:.3f}", f"{o['bare_s_per_step']:.3f}", "")
         console.print(t)
     if "memory" in result:
-        m = Table("strategy", "clients", "peak RSS (whole run)", "peak RSS (rounds)", "rounds peak − start",
-                  "personal state / client", "adapter", title=f"Memory (MiB) against clients, LoRA rank {args.rss_rank}")
+        m = Table("strategy", "clients", "peak RSS", "rounds' peak − start", "personal states",
+                  "state / client", "adapter", title=f"Memory (MiB) against clients, LoRA rank {args.rss_rank}")
         for r in result["memory"]:
-            m.add_row(r["strategy"], str(r["clients"]), f"{r['peak_rss_mib']:.1f}", f"{r['peak_rss_rounds_mib']:.1f}",
-                      f"{r['peak_rss_rounds_mib'] - r['rss_before_rounds_mib']:.1f}",
+            m.add_row(r["strategy"], str(r["clients"]), f"{r['peak_rss_mib']:.1f}",
+                      f"{r['peak_rss_rounds_mib'] - r['rss_before_rounds_mib']:.1f}", str(r["personal_states"]),
                       f"{r['personal_bytes_per_client'] / 1024:.0f} KiB", f"{r['adapter_bytes'] / 1024:.0f} KiB")
         console.print(m)
         for strategy in ("fedit", "fedsa"):
             rs = {r["clients"]: r for r in result["memory"] if r["strategy"] == strategy}
             grow = [rs[n]["peak_rss_rounds_mib"] - rs[n]["rss_before_rounds_mib"] for n in (10, 100)]
-            expect = 90 * rs[100]["personal_bytes_per_client"] / 2**20
+            more = rs[100]["personal_states"] - rs[10]["personal_states"]
+            expect = more * rs[100]["personal_bytes_per_client"] / 2**20
             console.print(f"{strategy}: what the rounds add, 10 → 100 clients: {grow[1] - grow[0]:+.1f} MiB; "
-                          f"90 × personal state = {expect:.1f} MiB")
+                          f"{more} more personal states = {expect:.1f} MiB")
     console.print(f"written {args.out}")
 
 

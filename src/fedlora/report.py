@@ -58,14 +58,17 @@ def print_comparison(rows: Sequence[dict[str, Any]], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("strategy", "best acc", "final acc", "personal", "agg. err", "up MB", "rounds", "time s",
-                  title="fedlora comparison", caption="acc: global validation accuracy; personal: each client's "
-                  "model on its held-out slice (weighted); agg. err: mean relative aggregation error")
+    table = Table("strategy", "best acc", "final acc", "personal", "agg.err", "up MB", "rounds", "s",
+                  title="fedlora comparison")
     for r in rows:
         table.add_row(str(r["strategy"]), _fmt(r["best"], ".4f"), _fmt(r["final"], ".4f"), _fmt(r["personal"], ".4f"),
                       _fmt(r["agg_error_rel"], ".2e"), _fmt(r["up_mb"], ".2f"), _fmt(r["rounds"], "d"),
                       _fmt(r["wall_s"], ".0f"))
-    (console or Console()).print(table)
+    console = console or Console()
+    console.print(table)
+    console.print("acc: global validation accuracy (best and final round); personal: each client's own model on "
+                  "its held-out slice, weighted by slice size (final round); agg.err: mean over rounds of "
+                  "‖Σ p_k ΔW_k − ΔW_global‖ / ‖Σ p_k ΔW_k‖")
 
 
 def plot_runs(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
