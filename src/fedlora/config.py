@@ -23,6 +23,9 @@ from typing import Any
 
 from fedlora.errors import ConfigError
 
+#: the task types of ``data.task`` (``fedlora.sim.tasks.get_task`` builds them)
+TASK_NAMES = ("classification", "multiple_choice", "causal_lm")
+
 
 @dataclass
 class RunSection:
@@ -85,9 +88,13 @@ class DataSection:
     source: a catalog dataset name (``sarcasm``), a hub name or ``"json"``/``"csv"`` with data_files.
     data_files: local files for ``json``/``csv`` sources.
     columns: maps the task's fields to the source's columns, e.g. {text = "headline", label = "y"}.
-    task: ``"classification"`` (multiple choice and causal LM come next).
+    task: ``"classification"``, ``"multiple_choice"`` or ``"causal_lm"``.
+    task_options: the task's own settings, e.g. {scoring = "loglik", loss = "lm"} for
+        multiple_choice or {max_new_tokens = 128, generate_examples = 32} for causal_lm (see
+        ``fedlora.sim.task_choice`` and ``fedlora.sim.task_causal``).
     max_length: tokenizer truncation length (default 64).
     validation_fraction: share of the source held out as the global validation set when it has none.
+    train_examples: a seeded subset of the training split of this size (0 = all; default 0).
     eval_examples: size of the fixed global validation subset evaluated (0 = all; default 1000).
     holdout_fraction: share of each client's data kept as its personal held-out slice (default 0.1).
     """
@@ -96,8 +103,10 @@ class DataSection:
     data_files: list[str] = field(default_factory=list)
     columns: dict[str, str] = field(default_factory=dict)
     task: str = "classification"
+    task_options: dict[str, Any] = field(default_factory=dict)
     max_length: int = 64
     validation_fraction: float = 0.1
+    train_examples: int = 0
     eval_examples: int = 1000
     holdout_fraction: float = 0.1
 
@@ -205,7 +214,8 @@ class RunConfig:
             ("lora.client_ranks", all(r >= 1 for r in self.lora.client_ranks), "ranks must be ≥ 1"),
             ("model.dtype", self.model.dtype in ("fp32", "bf16"), "must be 'fp32' or 'bf16'"),
             ("model.device", self.model.device in ("auto", "cpu", "cuda"), "must be 'auto', 'cpu' or 'cuda'"),
-            ("data.task", self.data.task in ("classification",), "only 'classification' is supported so far"),
+            ("data.task", self.data.task in TASK_NAMES, f"must be one of {', '.join(TASK_NAMES)}"),
+            ("data.train_examples", self.data.train_examples >= 0, "must be ≥ 0 (0 = all)"),
             ("data.max_length", self.data.max_length >= 2, "must be ≥ 2"),
             ("data.holdout_fraction", 0 <= self.data.holdout_fraction < 1, "must be in [0, 1)"),
             ("data.validation_fraction", 0 < self.data.validation_fraction < 1, "must be in (0, 1)"),

@@ -103,7 +103,10 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Federation:
     splits = load_source(cfg.data.source, data_files=cfg.data.data_files or None, columns=cfg.data.columns or None,
                          validation_fraction=cfg.data.validation_fraction, seed=seed)
     model_path = resolve_model(cfg.model.name)
-    task = get_task(cfg.data.task, load_tokenizer(model_path), cfg.data.max_length)
+    task = get_task(cfg.data.task, load_tokenizer(model_path), cfg.data.max_length, cfg.data.task_options)
+    if 0 < cfg.data.train_examples < len(splits["train"]):
+        # a seeded subset (Subspace-Reg trains on the first 8,000 HellaSwag examples after a seeded shuffle)
+        splits["train"] = splits["train"].shuffle(seed=seed).select(range(cfg.data.train_examples))
     for name in ("train", "validation"):
         task.check_columns(splits[name])
 
@@ -330,8 +333,7 @@ def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progr
         ckpt = rundir.load_checkpoint()
         if ckpt is not None:
             state, personal = ckpt["state"], ckpt["personal"]
-            for layer, delta in ckpt["base_merged"].items():  # rebuild the merged base weights
-                shared.add_to_base(layer, delta)
+            restore_checkpoint_extra(fed, ckpt, rundir.checkpoint_path)
         rows = rundir.keep_metrics_before(state.round)
         rundir.write_config(cfg)  # e.g. more rounds, set on the command line of the resume
         say(f"resuming {rundir.path} at round {state.round + 1} ({len(rows)} rounds done)")
@@ -402,7 +404,7 @@ def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progr
                     "wall_s": time.perf_counter() - t0,
                 }
                 rundir.append_metrics(row)
-                rundir.save_checkpoint(state, personal, shared.base_merged, {"seed": seed})
+                rundir.save_checkpoint(state, personal, shared.base_merged, checkpoint_extra(fed))
                 complete = (state, dict(shared.base_merged))
                 display.round_done(round_line(row, cfg.train.rounds))
     except KeyboardInterrupt:
@@ -416,6 +418,44 @@ def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progr
     if status == "interrupted":
         raise KeyboardInterrupt
     return summary
+
+
+def checkpoint_extra(fed: Federation) -> dict[str, Any]:
+    """What a checkpoint holds beyond the strategy's state, for an exact resume: the seed, the
+    partition (checked on resume: the data must not have changed), the torch RNG state, and the
+    merged base weights themselves (re-adding the summed merges would round differently)."""
+    weights = {layer: fed.shared.lora_layers[layer].get_base_layer().weight.detach().to("cpu", copy=True)
+               for layer in fed.shared.base_merged}
+    return {"seed": fed.cfg.run.seed, "client_train": [np.asarray(i) for i in fed.client_train],
+            "client_heldout": [np.asarray(i) for i in fed.client_heldout], "torch_rng": torch.get_rng_state(),
+            "base_weights": weights}
+
+
+def restore_checkpoint_extra(fed: Federation, ckpt: dict[str, Any], path: Path) -> None:
+    """Undo :func:`checkpoint_extra` on a freshly prepared federation; a checkpoint of other data,
+    another partition or another seed raises ConfigError naming the file."""
+    extra = ckpt["extra"]
+    if extra.get("seed", fed.cfg.run.seed) != fed.cfg.run.seed:
+        raise ConfigError(f"checkpoint {str(path)!r} was written with run.seed = {extra['seed']}, the config "
+                          f"says {fed.cfg.run.seed}; resume with the run's own config")
+    for key in ("client_train", "client_heldout"):
+        saved = extra.get(key)
+        if saved is not None and (len(saved) != fed.num_clients or not all(
+                np.array_equal(a, b) for a, b in zip(saved, getattr(fed, key)))):
+            raise ConfigError(f"checkpoint {str(path)!r}: the clients' data ({key}) differs from the checkpoint's; "
+                              "the dataset, the partition settings or the seed changed since the run started")
+    weights = extra.get("base_weights")
+    if weights is None:  # an older checkpoint: rebuild the merged base weights from their sum
+        for layer, delta in ckpt["base_merged"].items():
+            fed.shared.add_to_base(layer, delta)
+    else:
+        with torch.no_grad():
+            for layer, w in weights.items():
+                target = fed.shared.lora_layers[layer].get_base_layer().weight
+                target.copy_(w.to(target.device, target.dtype))
+        fed.shared.base_merged = {layer: d.clone() for layer, d in ckpt["base_merged"].items()}
+    if "torch_rng" in extra:
+        torch.set_rng_state(extra["torch_rng"])
 
 
 def _plot_partition(summary: dict[str, Any], path: Path) -> None:
@@ -440,6 +480,9 @@ def finish(fed: Federation, rundir: RunDir, state: GlobalState, base_merged: dic
                    rounds=cfg.train.rounds, wall_s=wall_s, run_dir=str(rundir.path),
                    adapter=str(rundir.path / "adapter"),
                    base_delta=str(rundir.path / "base_delta.safetensors") if base_merged else None)
+    samples = [r["eval"]["global"]["samples"] for r in rows if (r.get("eval") or {}).get("global", {}).get("samples")]
+    if samples:  # generation tasks: the last evaluation's generated samples
+        summary["samples"] = samples[-1]
     rundir.write_json("summary.json", summary)
     return summary
 

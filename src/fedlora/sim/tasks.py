@@ -241,9 +241,18 @@ def _register_task_types() -> None:
     TASKS.setdefault(CausalLMTask.name, CausalLMTask)
 
 
-def get_task(name: str, tokenizer, max_length: int) -> Task:
-    """The task object for ``data.task``; unknown names raise ConfigError listing the known ones."""
+def get_task(name: str, tokenizer, max_length: int, options: dict[str, Any] | None = None) -> Task:
+    """The task object for ``data.task`` with ``data.task_options``; an unknown task or option
+    raises ConfigError listing the known ones."""
+    import inspect
+
     _register_task_types()
     if name not in TASKS:
         raise ConfigError(f"data.task = {name!r}: unknown task; known: {', '.join(TASKS)}")
-    return TASKS[name](tokenizer, max_length)
+    cls = TASKS[name]
+    known = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    for key in options or {}:
+        if key not in known:
+            raise ConfigError(f"data.task_options.{key}: the {name} task has no such option; "
+                              f"it has {', '.join(known) or 'none'}")
+    return cls(tokenizer, max_length, **(options or {}))
