@@ -251,6 +251,13 @@ def test_every_task_type_runs_two_rounds(tiny, case, strategy):
     keys = set(load_file(f"{summary['run_dir']}/adapter/adapter_model.safetensors"))
     assert any(".lora_A." in k for k in keys)
     assert any("classifier" in k for k in keys) == (case == "choice-encoder")
+    if strategy == "fedit":  # the saved run loads back (its task's model class) and reproduces the last eval
+        from fedlora.sim.engine import prepare
+        from fedlora.sim.model import load_run_model
+
+        fed = prepare(cfg, log=lambda s: None)
+        again = fed.task.evaluate(load_run_model(summary["run_dir"]), fed.validation, fed.eval_indices, 32, CPU)
+        assert again["loss"] == pytest.approx(rows[-1]["eval"]["global"]["loss"], rel=1e-5)
     if task == "causal_lm":
         g = rows[-1]["eval"]["global"]
         assert g["perplexity"] == pytest.approx(math.exp(g["loss"])) and g["generated"] == 4

@@ -262,13 +262,20 @@ def load_run_model(run_dir: str | Path, base=None):
 
         from transformers import AutoModelForSequenceClassification
 
+        from fedlora.config import load_config
+        from fedlora.sim.tasks import get_task, quiet_transformers
+
         cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
         info = json.loads((run_dir / "summary.json").read_text())
-        from fedlora.sim.tasks import quiet_transformers
-
-        with quiet_transformers():
-            base = AutoModelForSequenceClassification.from_pretrained(
-                cfg["base_model_name_or_path"], num_labels=info["num_labels"], dtype=torch.float32)
+        run_cfg = load_config(run_dir / "config.toml")
+        path = cfg["base_model_name_or_path"]
+        if run_cfg.data.task != "classification":  # the task's own model class (multiple-choice head, causal LM)
+            task = get_task(run_cfg.data.task, load_tokenizer(path), run_cfg.data.max_length, run_cfg.data.task_options)
+            base = task.load_model(path, torch.float32, None)
+        else:
+            with quiet_transformers():
+                base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=info["num_labels"],
+                                                                          dtype=torch.float32)
     delta_path = run_dir / "base_delta.safetensors"
     if delta_path.is_file():
         own = base.state_dict()
