@@ -1,0 +1,182 @@
+"""Experiment grids: strategy × seed × each ``--grid`` key's values, one run directory per cell.
+
+A cell's directory is ``<output>/<setting>/<strategy>/seed-<s>``, where ``<setting>`` names the
+``--grid`` values (``lora.r=4,strategy.options.lam=0.2`` → ``r-4_lam-0.2``; ``default`` without a
+grid), so the same command always maps a cell to the same folder. That stable name is what makes a
+grid restartable: a cell whose ``summary.json`` says ``completed`` is skipped, and a cell with a
+``config.toml`` but no completed summary (killed, Ctrl-C, or never reached its last round) is
+resumed from its last checkpoint with the config stored there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import RunConfig, load_config, parse_value
+from fedlora.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a grid: its strategy, seed, the ``--grid`` values, and its run directory."""
+
+    strategy: str
+    seed: int
+    setting: str
+    grid: tuple[tuple[str, str], ...]
+    run_dir: Path
+
+    def overrides(self) -> list[str]:
+        """The ``--set`` overrides that make this cell's config from the base config."""
+        return [f"strategy.name={json.dumps(self.strategy)}", f"run.seed={self.seed}",
+                f"run.dir={json.dumps(self.run_dir.as_posix())}",
+                f"run.name={json.dumps(f'{self.setting}-{self.strategy}-seed-{self.seed}')}",
+                *(f"{k}={v}" for k, v in self.grid)]
+
+
+def split_list(text: str, what: str) -> list[str]:
+    """A comma-separated command-line list, stripped; an empty list is an error naming ``what``."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise ConfigError(f"{what}: expected a comma-separated list, got {text!r}")
+    return items
+
+
+def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """``["lora.r=4,64", "strategy.options.lam=0,0.2"]`` → ``[("lora.r", ["4", "64"]), …]``.
+
+    A key may not be given twice, nor be one the grid sets itself (strategy.name, run.seed, run.dir).
+    Values are kept as text: :func:`fedlora.config.load_config` parses them like ``--set`` values.
+    A list value (``lora.client_ranks=[2, 4]``) cannot be a grid value because of the commas.
+    """
+    out: list[tuple[str, list[str]]] = []
+    for spec in specs:
+        if "=" not in spec:
+            raise ConfigError(f"--grid {spec!r}: expected key=v1,v2,…")
+        key, values = (s.strip() for s in spec.split("=", 1))
+        if key in ("strategy.name", "run.seed", "run.dir", "run.name"):
+            raise ConfigError(f"--grid {spec!r}: {key} is set by --strategies/--seeds/--output-dir")
+        if key in dict(out):
+            raise ConfigError(f"--grid {spec!r}: {key} is given twice")
+        out.append((key, split_list(values, f"--grid {key}")))
+    return out
+
+
+def _slug(key: str, value: str) -> str:
+    # the key's last part is enough to tell settings apart and keeps paths short
+    text = f"{key.split('.')[-1]}-{value}"
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")
+
+
+def expand_grid(output_dir: str | Path, strategies: Sequence[str], seeds: Sequence[int],
+                grid: Sequence[tuple[str, Sequence[str]]] = ()) -> list[Cell]:
+    """Every cell of setting × strategy × seed, settings outermost (so a setting's strategies finish
+    together and can be compared early)."""
+    if len(set(strategies)) != len(strategies) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--strategies {list(strategies)} / --seeds {list(seeds)}: repeated entries")
+    keys = [k for k, _ in grid]
+    cells = []
+    for values in itertools.product(*(v for _, v in grid)):
+        pairs = tuple(zip(keys, values))
+        setting = "_".join(_slug(k, v) for k, v in pairs) or "default"
+        for strategy in strategies:
+            for seed in seeds:
+                cells.append(Cell(strategy, int(seed), setting, pairs,
+                                  Path(output_dir) / setting / strategy / f"seed-{seed}"))
+    names = [c.run_dir for c in cells]
+    if len(set(names)) != len(names):
+        raise ConfigError("--grid: two settings map to the same folder name; use values that differ "
+                          "after replacing characters other than letters, digits and . + -")
+    return cells
+
+
+def cell_status(run_dir: Path) -> str:
+    """``"done"`` (summary.json says completed), ``"resume"`` (a run directory is there) or ``"new"``."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            if json.loads(summary.read_text()).get("status") == "completed":
+                return "done"
+        except (OSError, json.JSONDecodeError):
+            pass  # a torn summary: the checkpoint decides
+    return "resume" if (run_dir / "config.toml").is_file() else "new"
+
+
+@dataclass
+class GridResult:
+    """What :func:`run_grid` did: run directories by status (``ran``, ``resumed``, ``skipped``)."""
+
+    ran: list[Path] = field(default_factory=list)
+    resumed: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+
+def cell_config(config: str | Path | None, cell: Cell, overrides: Sequence[str] = ()) -> RunConfig:
+    """The cell's config: the base config, then the user's ``--set`` overrides, then the cell's values."""
+    return load_config(config, [*overrides, *cell.overrides()])
+
+
+def run_grid(config: str | Path | None, cells: Sequence[Cell], overrides: Sequence[str] = (), *,
+             progress: bool | None = None, announce: Callable[[int, int, Cell, str], None] | None = None,
+             ) -> GridResult:
+    """Run every cell not yet completed; resume the ones that started. Every new cell's config is
+    checked before the first run starts, so a typo in a grid value fails in seconds, not hours.
+    ``announce(i, n, cell, status)`` is called before each cell (the progress display)."""
+    from fedlora.sim.engine import build_strategy, run
+
+    statuses = [cell_status(c.run_dir) for c in cells]
+    configs = {c.run_dir: cell_config(config, c, overrides) for c, s in zip(cells, statuses) if s == "new"}
+    for cfg in configs.values():  # a strategy option another strategy of the grid lacks fails here
+        build_strategy(cfg)
+    result = GridResult()
+    for i, (cell, status) in enumerate(zip(cells, statuses)):
+        if announce:
+            announce(i, len(cells), cell, status)
+        if status == "done":
+            result.skipped.append(cell.run_dir)
+        elif status == "resume":
+            # the stored config, so a resumed cell continues exactly the run it started
+            cfg = load_config(cell.run_dir / "config.toml")
+            run(cfg, resume=cell.run_dir, progress=progress)
+            result.resumed.append(cell.run_dir)
+        else:
+            run(configs[cell.run_dir], progress=progress)
+            result.ran.append(cell.run_dir)
+    return result
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"11,12,13"`` → ``[11, 12, 13]``; a non-integer is an error naming it."""
+    out = []
+    for s in split_list(text, "--seeds"):
+        v = parse_value(s)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"--seeds: {s!r} is not an integer")
+        out.append(v)
+    return out
+
+
+def find_runs(root: str | Path) -> list[dict[str, Any]]:
+    """Every run directory under ``root`` (a folder holding summary.json), with its setting, strategy
+    and seed read from the grid layout ``<setting>/<strategy>/seed-<s>``; a run outside that layout
+    takes its strategy from its summary and its setting from its parent folder."""
+    root = Path(root)
+    out = []
+    for summary in sorted(root.rglob("summary.json")):
+        d = summary.parent
+        rel = d.relative_to(root)
+        m = re.fullmatch(r"seed-(-?\d+)", d.name)
+        if m and len(rel.parts) >= 2:
+            setting = "/".join(rel.parts[:-2]) or "default"
+            strategy, seed = rel.parts[-2], int(m.group(1))
+        else:
+            setting = "/".join(rel.parts[:-1]) or "default"
+            strategy, seed = None, None
+        out.append({"run_dir": d, "setting": setting, "strategy": strategy, "seed": seed})
+    return out

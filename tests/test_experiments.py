@@ -1,0 +1,134 @@
+"""``fedlora compare`` grids (run, skip, resume) and ``fedlora report`` tables and plots, on a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlora.cli import build_parser
+from fedlora.config import load_config
+from fedlora.errors import ConfigError
+from fedlora.experiments import cell_status, expand_grid, parse_grid, parse_seeds
+from fedlora.sim.engine import run
+from sim_tiny import tiny_fixture, tiny_overrides
+
+tiny = tiny_fixture("experiments", n=120)
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+
+
+def compare(tiny, out: Path, *extra: str) -> int:
+    root, model, data = tiny
+    # lr 0.05 so the seeds' accuracies differ (the std in the report is then not trivially 0)
+    sets = [a for kv in tiny_overrides(root, model, data, train__rounds=2, data__eval_examples=24,
+                                       train__local_steps=2, train__lr=0.05) for a in ("--set", kv)]
+    args = build_parser().parse_args(["compare", str(CONFIGS[0].parent / "quickstart.toml"), "--strategies",
+                                      "fedit,fedrot", "--seeds", "11,12", "--output-dir", str(out), "--quiet",
+                                      "--no-report", *sets, *extra])
+    return args.func(args)
+
+
+def mtimes(out: Path) -> dict[Path, float]:
+    return {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+
+
+@pytest.fixture(scope="module")
+def grid(tiny):
+    out = tiny[0] / "grid"
+    assert compare(tiny, out) == 0
+    return out
+
+
+def test_grid_runs_every_cell_then_skips_them(grid, tiny):
+    cells = sorted(p.parent.relative_to(grid).as_posix() for p in grid.rglob("summary.json"))
+    assert cells == ["default/fedit/seed-11", "default/fedit/seed-12", "default/fedrot/seed-11",
+                     "default/fedrot/seed-12"]
+    for c in cells:
+        cfg = load_config(grid / c / "config.toml")
+        assert cfg.strategy.name == c.split("/")[1] and cfg.run.seed == int(c.rsplit("-", 1)[1])
+    before = mtimes(grid)
+    assert compare(tiny, grid) == 0
+    assert mtimes(grid) == before  # nothing re-ran
+
+
+def test_interrupted_cell_resumes(grid, tiny, tmp_path):
+    out = tmp_path / "g"
+    shutil.copytree(grid, out)
+    cell = out / "default" / "fedrot" / "seed-12"
+    # the state of a run stopped after round 1 of 2: its checkpoint and metrics of round 1, a summary
+    # that is not "completed", and the stored config still asking for 2 rounds
+    shutil.rmtree(cell)
+    cfg_text = (grid / "default/fedrot/seed-12/config.toml").read_text()
+    run(load_config(grid / "default/fedrot/seed-12/config.toml", ["train.rounds=1", f'run.dir="{cell.as_posix()}"']),
+        log=lambda s: None)
+    summary = json.loads((cell / "summary.json").read_text())
+    (cell / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    (cell / "config.toml").write_text(cfg_text.replace(str(grid), str(out)))
+    assert len((cell / "metrics.jsonl").read_text().splitlines()) == 1 and (cell / "checkpoint.pt").is_file()
+    assert cell_status(cell) == "resume"
+    done = mtimes(out)
+    assert compare(tiny, out) == 0
+    after = mtimes(out)
+    assert set(after) == set(done)
+    assert all(after[p] == done[p] for p in done if p.parent != cell)  # the three finished cells were skipped  # the three finished cells were skipped
+    s = json.loads((cell / "summary.json").read_text())
+    assert s["status"] == "completed" and s["rounds_completed"] == 2
+    rows = [json.loads(x) for x in (cell / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    # resumed in place from round 2: the same accuracies as the uninterrupted run (exact resume)
+    ref = [json.loads(x) for x in (grid / "default/fedrot/seed-12/metrics.jsonl").read_text().splitlines()]
+    assert [r["eval"]["global"]["accuracy"] for r in rows] == [r["eval"]["global"]["accuracy"] for r in ref]
+
+
+def test_report_tables_are_mean_and_population_std(grid):
+    args = build_parser().parse_args(["report", str(grid)])
+    assert args.func(args) == 0
+    text = (grid / "summary.md").read_text()
+    for strategy in ("fedit", "fedrot"):
+        best, final, last5, err = [], [], [], []
+        for seed in (11, 12):
+            rows = [json.loads(x) for x in (grid / f"default/{strategy}/seed-{seed}/metrics.jsonl").read_text().splitlines()]
+            acc = [r["eval"]["global"]["accuracy"] for r in rows]
+            best.append(max(acc))
+            final.append(acc[-1])
+            last5.append(np.mean(acc[-5:]))
+            err.append(np.mean([r["diagnostics"]["agg_error_rel"] for r in rows]))
+        line = next(x for x in text.splitlines() if x.startswith(f"| {strategy} |"))
+        got = re.findall(r"(-?[\d.]+(?:e[-+]\d+)?) ± (-?[\d.]+(?:e[-+]\d+)?)", line)
+        for (m, s), vals in zip(got, (best, final, last5)):
+            assert float(m) == pytest.approx(np.mean(vals), abs=6e-5)
+            assert float(s) == pytest.approx(np.std(vals), abs=6e-5)  # population std (ddof = 0)
+        m, s = got[3]  # mean relative aggregation error, printed with 3 significant digits
+        assert float(m) == pytest.approx(np.mean(err), rel=6e-3) and float(s) == pytest.approx(np.std(err), rel=6e-3)
+        assert np.std(err) > 0
+        assert "11,12" in line
+    png = grid / "plots" / "default.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_grid_expansion_and_bad_input(tmp_path):
+    cells = expand_grid(tmp_path, ["fedrot"], [1, 2], parse_grid(["strategy.options.lam=0,0.2", "lora.r=4,64"]))
+    assert len(cells) == 8 and len({c.run_dir for c in cells}) == 8
+    assert cells[0].run_dir == tmp_path / "lam-0_r-4" / "fedrot" / "seed-1"
+    assert "strategy.options.lam=0.2" in cells[-1].overrides() and "lora.r=64" in cells[-1].overrides()
+    with pytest.raises(ConfigError, match="run.seed"):
+        parse_grid(["run.seed=1,2"])
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_grid(["lora.r=4", "lora.r=8"])
+    with pytest.raises(ConfigError, match="'x'"):
+        parse_seeds("1,x")
+    with pytest.raises(ConfigError, match="repeated"):
+        expand_grid(tmp_path, ["fedit", "fedit"], [1])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_preset_parses(path):
+    """Every configs/*.toml loads; a preset's header names the command that runs it."""
+    cfg = load_config(path)
+    assert cfg.train.rounds > 0
+    head = path.read_text().split("[", 1)[0]
+    assert "fedlora " in head, f"{path.name}: the header comment should give the command"
