@@ -24,7 +24,6 @@ Questions may have different numbers of choices; missing ones are masked out.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from fedlora.errors import ConfigError
 from fedlora.sim.task_causal import IGNORE, fit_lengths, pad_token_id, sequence_logprobs
-from fedlora.sim.tasks import Encoded, Task, _pad, quiet_transformers
+from fedlora.sim.tasks import Encoded, ScoredTask, _pad, quiet_transformers
 from fedlora.sim.token_cache import cache_key, cached_features
 
 SCORINGS = ("auto", "head", "loglik")
@@ -104,7 +103,7 @@ def model_kind(path: str) -> str:
                       "transformers; the multiple_choice task cannot score with it")
 
 
-class MultipleChoiceTask(Task):
+class MultipleChoiceTask(ScoredTask):
     """Multiple choice by encoder head or decoder log-likelihood; see the module docstring.
 
     Options (``data.task_options``): ``scoring`` (``"auto"``, ``"head"``, ``"loglik"``) and, for
@@ -113,7 +112,6 @@ class MultipleChoiceTask(Task):
 
     name = "multiple_choice"
     peft_task_type = "SEQ_CLS"  # becomes CAUSAL_LM for log-likelihood scoring (see ``kind``)
-    metrics = ("accuracy", "loss")
 
     def __init__(self, tokenizer, max_length: int, *, scoring: str = "auto", loss: str = "choice_ce"):
         super().__init__(tokenizer, max_length)
@@ -250,22 +248,3 @@ class MultipleChoiceTask(Task):
                                              batch["token_labels"][gold])
             return -sums.sum() / counts.sum().clamp(min=1)
         return torch.nn.functional.cross_entropy(self.scores(model, batch), batch["labels"])
-
-    @torch.no_grad()
-    def evaluate(self, model, data: Encoded, indices: Sequence[int], batch_size: int, device: torch.device,
-                 autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        correct, loss_sum, n = 0, 0.0, 0
-        idx = list(indices)
-        for start in range(0, len(idx), batch_size):
-            batch = self.collate(data, idx[start:start + batch_size], device)
-            with autocast or contextlib.nullcontext():
-                scores = self.scores(model, batch)
-            loss_sum += float(torch.nn.functional.cross_entropy(scores, batch["labels"], reduction="sum"))
-            correct += int((scores.argmax(-1) == batch["labels"]).sum())
-            n += len(batch["labels"])
-        model.train(was_training)
-        if n == 0:
-            return {"accuracy": float("nan"), "loss": float("nan"), "examples": 0}
-        return {"accuracy": correct / n, "loss": loss_sum / n, "examples": n}

@@ -126,13 +126,51 @@ def _pad(seqs: list[list[int]], value: int) -> Tensor:
     return out
 
 
-class ClassificationTask(Task):
+class ScoredTask(Task):
+    """A task whose model gives one score per class or choice for each example.
+
+    Loss: cross-entropy over the scores. Metrics: accuracy (argmax) and loss. Subclasses define
+    ``scores(model, batch)``, and may order evaluation batches with ``eval_order`` (e.g. by length,
+    so each batch pads little; the metrics do not depend on order).
+    """
+
+    metrics = ("accuracy", "loss")
+
+    def scores(self, model, batch: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def eval_order(self, data: Encoded, indices: Sequence[int]) -> list[int]:
+        return list(indices)
+
+    def loss(self, model, batch: dict[str, Tensor]) -> Tensor:
+        return torch.nn.functional.cross_entropy(self.scores(model, batch), batch["labels"])
+
+    @torch.no_grad()
+    def evaluate(self, model, data: Encoded, indices: Sequence[int], batch_size: int, device: torch.device,
+                 autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        correct, loss_sum, n = 0, 0.0, 0
+        idx = self.eval_order(data, indices)
+        for start in range(0, len(idx), batch_size):
+            batch = self.collate(data, idx[start:start + batch_size], device)
+            with autocast or contextlib.nullcontext():
+                scores = self.scores(model, batch).float()
+            loss_sum += float(torch.nn.functional.cross_entropy(scores, batch["labels"], reduction="sum"))
+            correct += int((scores.argmax(-1) == batch["labels"]).sum())
+            n += len(batch["labels"])
+        model.train(was_training)
+        if n == 0:
+            return {"accuracy": float("nan"), "loss": float("nan"), "examples": 0}
+        return {"accuracy": correct / n, "loss": loss_sum / n, "examples": n}
+
+
+class ClassificationTask(ScoredTask):
     """Sequence classification of single texts or text pairs (columns ``text``, optional
     ``text_pair``, ``label`` as a ClassLabel). Loss: cross-entropy; metrics: accuracy and loss."""
 
     name = "classification"
     peft_task_type = "SEQ_CLS"
-    metrics = ("accuracy", "loss")
 
     def check_columns(self, split) -> None:
         missing = [c for c in ("text", "label") if c not in split.column_names]
@@ -201,32 +239,13 @@ class ClassificationTask(Task):
         batch["labels"] = torch.as_tensor(data.labels[np.asarray(indices)], dtype=torch.long)
         return {k: v.to(device) for k, v in batch.items()}
 
-    def loss(self, model, batch: dict[str, Tensor]) -> Tensor:
+    def scores(self, model, batch: dict[str, Tensor]) -> Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits
-        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+        return model(**inputs).logits.float()
 
-    @torch.no_grad()
-    def evaluate(self, model, data: Encoded, indices: Sequence[int], batch_size: int, device: torch.device,
-                 autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        correct, loss_sum, n = 0, 0.0, 0
-        idx = list(indices)
-        # sort by length so each batch pads little; the metric does not depend on order
-        idx.sort(key=lambda i: len(data.features["input_ids"][i]))
-        for start in range(0, len(idx), batch_size):
-            batch = self.collate(data, idx[start:start + batch_size], device)
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            with autocast or contextlib.nullcontext():
-                logits = model(**inputs).logits.float()
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            n += len(batch["labels"])
-        model.train(was_training)
-        if n == 0:
-            return {"accuracy": float("nan"), "loss": float("nan"), "examples": 0}
-        return {"accuracy": correct / n, "loss": loss_sum / n, "examples": n}
+    def eval_order(self, data: Encoded, indices: Sequence[int]) -> list[int]:
+        # sort by length so each batch pads little
+        return sorted(indices, key=lambda i: len(data.features["input_ids"][i]))
 
 
 TASKS: dict[str, type[Task]] = {"classification": ClassificationTask}
