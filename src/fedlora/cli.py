@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "fedlora.commands.demo",
     "fedlora.assets.cli",
     "fedlora.sim.cli",
+    "fedlora.commands.compare",
     "fedlora.flower.cli",
 ]
 

@@ -33,12 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quickstart)
 
-    # ``compare`` and ``report`` live in fedlora.commands.compare; registered here so they exist
-    # without a change to the dispatcher's module list
-    from fedlora.commands.compare import register as register_compare
-
-    register_compare(sub)
-
 
 def cmd_run(args) -> int:
     from fedlora.sim.engine import run
