@@ -189,7 +189,7 @@ def client_round(fed: Federation, state: GlobalState, personal: Adapter | None, 
     rank = next(iter(start.layers.values())).rank
     scaling = strategy.scaling(ctx, rank)
     fed.shared.load(start, scaling)
-    trains_extras = getattr(strategy, "trains_extras", lambda r: True)(ctx.round)
+    trains_extras = strategy.trains_extras(ctx.round)
     reference = start.to(device=fed.device)  # the regulariser compares live (device) factors with it
     indices = fed.client_train[ctx.client_id]
     result = client_mod.local_train(
