@@ -238,8 +238,8 @@ class FlowerServer:
     # ---- the run --------------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
         """Run ``cfg.train.rounds`` rounds on the nodes of ``grid``; returns the summary."""
-        from fedlora.diagnostics import communication_bytes, round_diagnostics
-        from fedlora.sim.engine import evaluate, finish, prepare, round_line, sample_clients
+        from fedlora.sim.engine import (aggregate_round, evaluate_if_due, finish, metrics_row, prepare, round_line,
+                                        sample_clients)
         from fedlora.sim.rundir import RunDir
 
         t_start = time.perf_counter()
@@ -286,32 +286,15 @@ class FlowerServer:
             t_train = time.perf_counter() - t0
             updates = [g[1] for g in good]
             contexts = [dataclasses.replace(g[2], num_clients=len(sampled)) for g in good]
-            previous = state
             # under SecAgg+ the server holds only the weighted average: one aggregate update, no diagnostics
-            state = strategy.aggregate([secure] if self.options.secagg else updates, state)
+            state, diag, comm = aggregate_round(fed, state, updates, contexts,
+                                                secure=secure if self.options.secagg else None)
             if state.base_delta:
-                fed.shared.merge_base(state.base_delta)
                 deltas.append(state.base_delta)
-            diag = None if self.options.secagg else round_diagnostics(
-                updates, strategy.weights(updates), state,
-                personalised=any(strategy.personal_state(u.adapter) is not None for u in updates))
-            comm = communication_bytes(strategy, previous, updates, contexts)
-            evaluation, t_eval = None, 0.0
-            if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds:
-                t1 = time.perf_counter()
-                evaluation = evaluate(fed, state, {})
-                t_eval = time.perf_counter() - t1
-            losses = {g[0]: g[3] for g in good}
-            w = np.array([g[1].num_samples for g in good], dtype=float)
-            row = {
-                "round": t, "clients": sampled, "failed": failed,
-                "train_loss": float(np.dot(w, list(losses.values())) / w.sum()),
-                "client_loss": {str(k): v for k, v in losses.items()},
-                "eval": evaluation, "diagnostics": diag.to_dict() if diag is not None else None,
-                "bytes_up": comm["bytes_up_total"], "bytes_down": comm["bytes_down_total"],
-                "bytes_up_sent": sum(g[4] for g in good), "bytes_down_sent": sum(sent[g[0]] for g in good),
-                "train_s": t_train, "eval_s": t_eval, "wall_s": time.perf_counter() - t0,
-            }
+            evaluation, t_eval = evaluate_if_due(fed, state, {}, t)
+            row = metrics_row(t, sampled, failed, {g[0]: (g[3], g[1].num_samples) for g in good}, evaluation, diag,
+                              comm, t0=t0, train_s=t_train, eval_s=t_eval,
+                              bytes_up_sent=sum(g[4] for g in good), bytes_down_sent=sum(sent[g[0]] for g in good))
             rundir.append_metrics(row)
             rundir.save_checkpoint(state, {}, fed.shared.base_merged, {"seed": seed})
             self.rows.append(row)

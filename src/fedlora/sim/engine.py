@@ -244,6 +244,63 @@ def evaluate(fed: Federation, state: GlobalState, personal: dict[int, Adapter | 
     return out
 
 
+# ---- the server half of a round, shared with the Flower ServerApp -------------------------------
+
+
+def aggregate_round(fed: Federation, state: GlobalState, updates: list[ClientUpdate], contexts: list[ClientContext],
+                    secure: ClientUpdate | None = None) -> tuple[GlobalState, Any, dict[str, Any]]:
+    """Aggregate a round's updates, merge any base-weight change into the shared model, and measure it.
+
+    Returns (new state, diagnostics or None, communication bytes). ``secure`` is the single update a
+    secure-aggregation server holds (the weighted average): it is aggregated instead of ``updates``
+    and the diagnostics, which need individual uploads, are skipped.
+    """
+    from fedlora.diagnostics import communication_bytes, keeps_personal_state, round_diagnostics
+
+    strategy = fed.strategy
+    new = strategy.aggregate([secure] if secure is not None else updates, state)
+    if new.base_delta:
+        fed.shared.merge_base(new.base_delta)
+    diag = None if secure is not None else round_diagnostics(
+        updates, strategy.weights(updates), new, personalised=keeps_personal_state(strategy))
+    return new, diag, communication_bytes(strategy, state, updates, contexts)
+
+
+def evaluate_if_due(fed: Federation, state: GlobalState, personal: dict[int, Adapter | None], t: int,
+                    status: Callable[[str], None] | None = None) -> tuple[dict[str, Any] | None, float]:
+    """Evaluate after round ``t`` every ``eval.every`` rounds and after the last; returns (metrics, seconds)."""
+    cfg = fed.cfg
+    if (t + 1) % cfg.eval.every != 0 and t + 1 != cfg.train.rounds:
+        return None, 0.0
+    if status is not None:
+        status("evaluating")
+    t1 = time.perf_counter()
+    return evaluate(fed, state, personal), time.perf_counter() - t1
+
+
+def metrics_row(t: int, sampled: list[int], failed: list[dict], losses: dict[int, tuple[float, int]],
+                evaluation: dict[str, Any] | None, diag, comm: dict[str, Any], *, t0: float, train_s: float,
+                eval_s: float, **extra: Any) -> dict[str, Any]:
+    """One metrics.jsonl row. ``losses`` maps client → (train loss, samples); the round's train loss is
+    their sample-weighted mean. ``extra`` adds engine-specific keys (e.g. the bytes Flower carried)."""
+    weights = np.array([n for _, n in losses.values()], dtype=float)
+    values = [loss for loss, _ in losses.values()]
+    row = {
+        "round": t,
+        "clients": sampled,
+        "failed": failed,
+        "train_loss": float(np.dot(weights, values) / weights.sum()) if losses else None,
+        "client_loss": {str(k): loss for k, (loss, _) in losses.items()},
+        "eval": evaluation,
+        "diagnostics": diag.to_dict() if diag is not None else None,
+        "bytes_up": comm["bytes_up_total"],
+        "bytes_down": comm["bytes_down_total"],
+    }
+    row.update(extra)
+    row.update(train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t0)
+    return row
+
+
 # ---- the run ------------------------------------------------------------------------------------
 
 
@@ -312,8 +369,6 @@ def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progr
     config stored there. ``loss_fn(model, batch, client_id)`` replaces the task's loss (tests use it
     to inject failures). Ctrl-C stops after writing the summary; complete rounds are never lost.
     """
-    from fedlora.diagnostics import communication_bytes, round_diagnostics
-
     from rich.console import Console
 
     t_start = time.perf_counter()
@@ -369,40 +424,14 @@ def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progr
                 t_train = time.perf_counter() - t0
 
                 display.status("aggregating")
-                previous = state
                 diag, comm = None, {"bytes_up_total": 0, "bytes_down_total": 0}
                 if updates:
-                    state = strategy.aggregate(updates, state)
-                    if state.base_delta:
-                        shared.merge_base(state.base_delta)
-                    diag = round_diagnostics(updates, strategy.weights(updates), state,
-                                             personalised=any(personal.get(u.client_id) is not None for u in updates))
-                    comm = communication_bytes(strategy, previous, updates, contexts)
+                    state, diag, comm = aggregate_round(fed, state, updates, contexts)
                 else:  # every client failed: nothing to aggregate, the global state carries over
                     state = dataclasses.replace(state, round=state.round + 1)
-
-                evaluation, t_eval = None, 0.0
-                if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds:
-                    display.status("evaluating")
-                    t1 = time.perf_counter()
-                    evaluation = evaluate(fed, state, personal)
-                    t_eval = time.perf_counter() - t1
-
-                weights = np.array([len(fed.client_train[k]) for k in losses], dtype=float)
-                row = {
-                    "round": t,
-                    "clients": sampled,
-                    "failed": failed,
-                    "train_loss": float(np.dot(weights, list(losses.values())) / weights.sum()) if losses else None,
-                    "client_loss": {str(k): v for k, v in losses.items()},
-                    "eval": evaluation,
-                    "diagnostics": diag.to_dict() if diag is not None else None,
-                    "bytes_up": comm["bytes_up_total"],
-                    "bytes_down": comm["bytes_down_total"],
-                    "train_s": t_train,
-                    "eval_s": t_eval,
-                    "wall_s": time.perf_counter() - t0,
-                }
+                evaluation, t_eval = evaluate_if_due(fed, state, personal, t, status=display.status)
+                row = metrics_row(t, sampled, failed, {k: (loss, len(fed.client_train[k])) for k, loss in losses.items()},
+                                  evaluation, diag, comm, t0=t0, train_s=t_train, eval_s=t_eval)
                 rundir.append_metrics(row)
                 rundir.save_checkpoint(state, personal, shared.base_merged, checkpoint_extra(fed))
                 complete = (state, dict(shared.base_merged))
