@@ -21,13 +21,13 @@ tiny = tiny_fixture("experiments", n=120)
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 
 
-def compare(tiny, out: Path, *extra: str) -> int:
+def compare(tiny, out: Path, *extra: str, strategies: str = "fedit,fedrot") -> int:
     root, model, data = tiny
     # lr 0.05 so the seeds' accuracies differ (the std in the report is then not trivially 0)
     sets = [a for kv in tiny_overrides(root, model, data, train__rounds=2, data__eval_examples=24,
                                        train__local_steps=2, train__lr=0.05) for a in ("--set", kv)]
     args = build_parser().parse_args(["compare", str(CONFIGS[0].parent / "quickstart.toml"), "--strategies",
-                                      "fedit,fedrot", "--seeds", "11,12", "--output-dir", str(out), "--quiet",
+                                      strategies, "--seeds", "11,12", "--output-dir", str(out), "--quiet",
                                       "--no-report", *sets, *extra])
     return args.func(args)
 
@@ -132,3 +132,54 @@ def test_every_preset_parses(path):
     assert cfg.train.rounds > 0
     head = path.read_text().split("[", 1)[0]
     assert "fedlora " in head, f"{path.name}: the header comment should give the command"
+
+
+@pytest.fixture(scope="module")
+def rank_grids(tiny):
+    """fedsa over lora.r = 2, 4 in one folder and FedSA-rsLoRA (the same strategy name, another
+    option) over the same ranks in another: the layout of the SFed-LoRA rank study."""
+    plain, rs = tiny[0] / "rank", tiny[0] / "rank-rslora"
+    for out, strategies, extra in ((plain, "sfed,fedsa", []), (rs, "fedsa", ["--set", "strategy.options.rslora=true"])):
+        assert compare(tiny, out, "--grid", "lora.r=2,4", *extra, strategies=strategies) == 0
+    return plain, rs
+
+
+def test_report_merges_folders_and_labels_strategy_options(rank_grids, tmp_path):
+    plain, rs = rank_grids
+    out = tmp_path / "merged"
+    args = build_parser().parse_args(["report", str(plain), str(rs), "--output", str(out)])
+    assert args.func(args) == 0
+    text = (out / "summary.md").read_text()
+    sections = text.split("\n## ")
+    assert [s.split("\n", 1)[0] for s in sections[1:]] == ["Overview", "r-2", "r-4"]
+    for section in sections[2:]:
+        setting = section.split("\n", 1)[0]
+        rows = [x for x in section.splitlines() if x.startswith("| ") and not x.startswith("| strategy")]
+        # the rsLoRA runs are told apart by their option; the strategies of the plain grid keep their name
+        assert [x.split(" | ")[0][2:] for x in rows] == ["fedsa", "sfed", "fedsa[rslora=true]"]
+        # the personalised columns are the runs' own best and final personalised accuracies
+        header = next(x for x in section.splitlines() if x.startswith("| strategy"))
+        cols = [c.strip() for c in header.strip("|").split("|")]
+        for label, root in (("fedsa", plain), ("fedsa[rslora=true]", rs)):
+            line = next(x for x in section.splitlines() if x.startswith(f"| {label} |"))
+            vals = [c.strip() for c in line.strip("|").split("|")]
+            summaries = [json.loads((root / setting / "fedsa" / f"seed-{s}" / "summary.json").read_text())
+                         for s in (11, 12)]
+            for col, key in (("best personalised accuracy (w)", "best_personal_accuracy_weighted"),
+                             ("final personalised accuracy (w)", "final_personal_accuracy_weighted")):
+                m, s = (float(v) for v in vals[cols.index(col)].split(" ± "))
+                got = [x[key] for x in summaries]
+                assert m == pytest.approx(np.mean(got), abs=6e-5) and s == pytest.approx(np.std(got), abs=6e-5)
+    # one rank study, two folders: the overview has every label under both ranks, and a sweep plot
+    overview = sections[1]
+    assert overview.count("| fedsa[rslora=true] |") == 1 and "| strategy | r-2 | r-4 |" in overview
+    png = out / "plots" / "sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # the two folders were only read
+    assert not (plain / "summary.md").exists() and not (rs / "summary.md").exists()
+
+
+def test_report_of_several_folders_needs_an_output(rank_grids):
+    args = build_parser().parse_args(["report", *map(str, rank_grids)])
+    with pytest.raises(ConfigError, match="--output"):
+        args.func(args)

@@ -135,33 +135,50 @@ def _series(rows: Sequence[dict[str, Any]], get) -> list[tuple[int, float]]:
     return out
 
 
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def run_stats(run_dir: str | Path) -> dict[str, Any]:
     """One run's numbers for the grid table: best (the engine's best over rounds: max for accuracy),
-    final and mean-of-last-5 global metric, mean relative aggregation error, bytes (up + down) per
-    round, wall time; and its per-round series (metric, agg_error_rel, basis_overlap, rotation_size)."""
+    final and mean-of-last-5 global metric, mean relative aggregation error, mean basis overlap, mean
+    FedRot rotation size, best and final personalised metric (weighted; None without a personalised
+    evaluation), bytes (up + down) per round, wall time; and the per-round series behind them."""
     s, rows = _read_run(run_dir)
     m = s.get("metric", "accuracy")
     acc = _series(rows, lambda r: r["eval"]["global"][m])
+    personal = _series(rows, lambda r: r["eval"]["personal"][f"{m}_weighted"])
+    series = {
+        m: acc,
+        f"personal_{m}": personal,
+        "agg_error_rel": _series(rows, lambda r: r["diagnostics"]["agg_error_rel"]),
+        "basis_overlap": _series(rows, lambda r: r["diagnostics"]["basis_overlap"]),
+        "rotation_size": _series(rows, lambda r: r["diagnostics"]["rotation_size_mean"]),
+    }
     rounds = s.get("rounds_completed") or len(rows)
     return {
         "metric": m, "strategy": s.get("strategy"), "status": s.get("status"),
         "best": s.get(f"best_{m}"), "final": s.get(f"final_{m}"),
-        "last5": sum(v for _, v in acc[-5:]) / len(acc[-5:]) if acc else None,
+        "last5": _mean([v for _, v in acc[-5:]]),
         "agg_error_rel": s.get("mean_agg_error_rel"),
+        "overlap": _mean([v for _, v in series["basis_overlap"]]),
+        "rotation": _mean([v for _, v in series["rotation_size"]]),
+        "personal_best": s.get(f"best_personal_{m}_weighted"),
+        "personal_final": s.get(f"final_personal_{m}_weighted"),
         "bytes_per_round": (s.get("bytes_up", 0) + s.get("bytes_down", 0)) / rounds if rounds else None,
         "wall_s": s.get("wall_s"),
-        "series": {
-            m: acc,
-            "agg_error_rel": _series(rows, lambda r: r["diagnostics"]["agg_error_rel"]),
-            "basis_overlap": _series(rows, lambda r: r["diagnostics"]["basis_overlap"]),
-            "rotation_size": _series(rows, lambda r: r["diagnostics"]["rotation_size_mean"]),
-        },
+        "series": series,
     }
 
 
-TABLE_COLUMNS = [("best", "best {m} (max over rounds)", ".4f"), ("final", "final {m}", ".4f"),
-                 ("last5", "mean last 5 rounds", ".4f"), ("agg_error_rel", "mean rel. agg. error", ".2e"),
-                 ("bytes_per_round", "MB / round (up+down)", ".3f"), ("wall_s", "wall s", ".0f")]
+#: the grid table's columns: key in :func:`run_stats`, header, format, and whether it is shown only
+#: when some run of the setting has a value (the personalised and FedRot-only columns)
+TABLE_COLUMNS = [("best", "best {m} (max over rounds)", ".4f", False), ("final", "final {m}", ".4f", False),
+                 ("last5", "mean last 5 rounds", ".4f", False), ("agg_error_rel", "mean rel. agg. error", ".2e", False),
+                 ("overlap", "mean basis overlap", ".4f", True), ("rotation", "mean ‖R − I‖_F", ".3f", True),
+                 ("personal_best", "best personalised {m} (w)", ".4f", True),
+                 ("personal_final", "final personalised {m} (w)", ".4f", True),
+                 ("bytes_per_round", "MB / round (up+down)", ".3f", False), ("wall_s", "wall s", ".0f", False)]
 
 
 def _cell(stat: tuple[float, float] | None, spec: str, scale: float = 1.0) -> str:
@@ -169,75 +186,188 @@ def _cell(stat: tuple[float, float] | None, spec: str, scale: float = 1.0) -> st
 
 
 def _band_plot(ax, runs: Sequence[dict[str, Any]], key: str, colors: dict[str, Any]) -> bool:
-    """Mean over seeds with a ±1 population-std band, one line per strategy (its colour the same in
-    every panel), on the rounds every seed has."""
+    """Mean over seeds with a ±1 population-std band, one line per strategy label (its colour the
+    same in every panel), on the rounds every seed has."""
     import numpy as np
 
     drew = False
-    by_strategy: dict[str, list[dict[int, float]]] = {}
+    by_label: dict[str, list[dict[int, float]]] = {}
     for r in runs:
         series = dict(r["series"][key])
         if series:
-            by_strategy.setdefault(r["strategy"], []).append(series)
-    for strategy, seeds in by_strategy.items():
+            by_label.setdefault(r["label"], []).append(series)
+    for label, seeds in by_label.items():
         common = sorted(set.intersection(*(set(s) for s in seeds)))
         if not common:
             continue
         vals = np.array([[s[t] for t in common] for s in seeds])
         mean, std = vals.mean(0), vals.std(0, ddof=0)
-        ax.plot(common, mean, marker="o", markersize=3, color=colors[strategy], label=f"{strategy} (n={len(seeds)})")
-        ax.fill_between(common, mean - std, mean + std, color=colors[strategy], alpha=0.2)
+        ax.plot(common, mean, marker="o", markersize=3, color=colors[label], label=f"{label} (n={len(seeds)})")
+        ax.fill_between(common, mean - std, mean + std, color=colors[label], alpha=0.2)
         drew = True
     return drew
 
 
-def grid_report(root: str | Path) -> Path:
-    """Write ``root/summary.md`` (one table per setting: mean ± population std over seeds) and one PNG
-    per setting (``root/plots/<setting>.png``: accuracy, aggregation error on a log scale, basis
-    overlap, rotation size) for every run under ``root``; returns the summary path."""
+def run_label(run_dir: Path, strategy: str, setting: str) -> str:
+    """The strategy's name, plus the strategy options its config sets that the setting's name does
+    not already say: ``fedsa[rslora=true]`` beside ``fedsa`` in one table, but ``fedrot`` (not
+    ``fedrot[lam=0.2]``) under the setting ``lam-0.2``."""
+    from fedlora.experiments import _slug
+
+    try:
+        from fedlora.config import load_config
+
+        options = load_config(run_dir / "config.toml").strategy.options
+    except Exception:  # a run without a readable config keeps its plain name
+        return strategy
+    parts = set(setting.split("_"))
+    extra = [f"{k}={_toml_text(v)}" for k, v in sorted(options.items()) if _slug(k, _toml_text(v)) not in parts]
+    return f"{strategy}[{','.join(extra)}]" if extra else strategy
+
+
+def _toml_text(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _collect(roots: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:
+    """setting → its runs' stats (with seed, run_dir and label), over every root; a setting of the
+    same name in two roots is one setting."""
+    from fedlora.experiments import find_runs
+
+    settings: dict[str, list[dict[str, Any]]] = {}
+    for root in roots:
+        found = find_runs(root)
+        if not found:
+            raise ConfigError(f"{str(root)!r}: no run directories (summary.json) under it")
+        for f in found:
+            st = run_stats(f["run_dir"])
+            st.update(seed=f["seed"], run_dir=f["run_dir"])
+            st["strategy"] = f["strategy"] or st["strategy"]
+            st["label"] = run_label(f["run_dir"], st["strategy"], f["setting"])
+            settings.setdefault(f["setting"], []).append(st)
+    return settings
+
+
+def _setting_table(runs: Sequence[dict[str, Any]], labels: Sequence[str]) -> list[str]:
+    m = runs[0]["metric"]
+    cols = [c for c in TABLE_COLUMNS if not c[3] or any(r[c[0]] is not None for r in runs)]
+    lines = ["| strategy | seeds | " + " | ".join(h.format(m=m) for _, h, _, _ in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for label in labels:
+        mine = [r for r in runs if r["label"] == label]
+        seeds = ",".join(str(r["seed"]) for r in mine if r["seed"] is not None) or str(len(mine))
+        unfinished = sum(r["status"] != "completed" for r in mine)
+        cells = [_cell(_mean_std([r[k] for r in mine]), spec, 2**-20 if k == "bytes_per_round" else 1.0)
+                 for k, _, spec, _ in cols]
+        name = label + (f" ({unfinished} unfinished)" if unfinished else "")
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _sweep_axis(settings: Sequence[str]) -> tuple[str, list[float]] | None:
+    """When every setting is one ``key-number`` of the same key (``r-4``, ``r-64``…), the key and
+    the numbers; else None."""
+    import re
+
+    keys, values = set(), []
+    for s in settings:
+        m = re.fullmatch(r"([A-Za-z_]+)-(-?[\d.]+(?:e[-+]?\d+)?)", s)
+        if not m:
+            return None
+        keys.add(m.group(1))
+        values.append(float(m.group(2)))
+    return (keys.pop(), values) if len(keys) == 1 and len(settings) > 1 else None
+
+
+def _overview(settings: dict[str, list[dict[str, Any]]], out: Path, colors: dict[str, Any]) -> list[str]:
+    """One table of every label × setting (best global, and best personalised where there is one),
+    and, for a one-key numeric grid, ``plots/sweep.png``: the best metric against the key's value."""
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["label"] for runs in settings.values() for r in runs))
+    names = list(settings)
+    m = next(iter(settings.values()))[0]["metric"]
+    lines = ["## Overview", "",
+             f"Best {m} (max over rounds, mean ± std over seeds); in brackets, the best personalised {m} "
+             "where the runs have one.", "",
+             "| strategy | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label in labels:
+        cells = []
+        for name in names:
+            mine = [r for r in settings[name] if r["label"] == label]
+            best, pers = _mean_std([r["best"] for r in mine]), _mean_std([r["personal_best"] for r in mine])
+            cells.append(_cell(best, ".4f") + (f" [{_cell(pers, '.4f')}]" if pers else "") if mine else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    axis = _sweep_axis(names)
+    if axis:
+        key, values = axis
+        order = sorted(range(len(names)), key=lambda i: values[i])
+        has_personal = any(r["personal_best"] is not None for runs in settings.values() for r in runs)
+        fig, axes = plt.subplots(1, 2 if has_personal else 1, figsize=(11 if has_personal else 6, 4), squeeze=False)
+        for ax, field, title in zip(axes[0], ("best", "personal_best"), (f"best global {m}", f"best personalised {m}")):
+            for label in labels:
+                pts = [(values[i], _mean_std([r[field] for r in settings[names[i]] if r["label"] == label]))
+                       for i in order]
+                pts = [(x, st) for x, st in pts if st]
+                if pts:
+                    ax.errorbar([x for x, _ in pts], [st[0] for _, st in pts], yerr=[st[1] for _, st in pts],
+                                marker="o", capsize=3, color=colors[label], label=label)
+            ax.set(xlabel=key, title=f"{title} (mean ± std over seeds)")
+            if min(values) > 0 and max(values) / min(values) >= 8:
+                ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(values), [f"{v:g}" for v in sorted(values)])
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        plot = _save_figure(fig, out / "plots" / "sweep.png")
+        lines += [f"![best {m} against {key}]({plot.relative_to(out).as_posix()})", ""]
+    return lines
+
+
+def grid_report(root: str | Path | Sequence[str | Path], out: str | Path | None = None) -> Path:
+    """Write ``summary.md`` (one table per setting: mean ± population std over seeds) and one PNG per
+    setting (``plots/<setting>.png``: accuracy, aggregation error on a log scale, basis overlap,
+    rotation size) for every run under ``root`` (one folder, or several merged: settings of the same
+    name become one table); with more than one setting, an overview table of best accuracies, and for
+    a one-key numeric grid (``--grid lora.r=4,64,256``) ``plots/sweep.png``. ``out`` (default: the
+    single root) is where they go; returns the summary path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from fedlora.experiments import find_runs
     from fedlora.sim.rundir import atomic_write
 
-    root = Path(root)
-    found = find_runs(root)
-    if not found:
-        raise ConfigError(f"{str(root)!r}: no run directories (summary.json) under it")
-    settings: dict[str, list[dict[str, Any]]] = {}
-    for f in found:
-        st = run_stats(f["run_dir"])
-        st.update(seed=f["seed"], run_dir=f["run_dir"])
-        st["strategy"] = f["strategy"] or st["strategy"]
-        settings.setdefault(f["setting"], []).append(st)
-    lines = [f"# fedlora report: {root}", "",
+    roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
+    if out is None:
+        if len(roots) != 1:
+            raise ConfigError(f"report: {len(roots)} folders given; say where the merged report goes (--output)")
+        out = roots[0]
+    out = Path(out)
+    settings = _collect(roots)
+    labels = list(dict.fromkeys(r["label"] for runs in settings.values() for r in runs))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
+    lines = [f"# fedlora report: {', '.join(str(r) for r in roots)}", "",
              "Each cell is mean ± std over seeds; std is the population std (ddof = 0), as the papers' tables "
              "(methods-reference §3.3). Best: each run's best global metric over rounds, then mean ± std "
-             "over seeds. Agg. error: mean over rounds of ‖Σ p_k ΔW_k − ΔW_global‖ / ‖Σ p_k ΔW_k‖.", ""]
+             "over seeds. Agg. error: mean over rounds of ‖Σ p_k ΔW_k − ΔW_global‖ / ‖Σ p_k ΔW_k‖. Basis "
+             "overlap: mean over rounds of ‖Q_kᵀ Q_g‖_F / √r (client vs global B). Personalised: each "
+             "client's own model on its held-out slice, weighted by slice size.", ""]
+    if len(settings) > 1:
+        lines += _overview(settings, out, colors)
     for setting, runs in settings.items():
         m = runs[0]["metric"]
-        lines += [f"## {setting}", "",
-                  "| strategy | seeds | " + " | ".join(h.format(m=m) for _, h, _ in TABLE_COLUMNS) + " |",
-                  "|---|---|" + "---|" * len(TABLE_COLUMNS)]
-        strategies = list(dict.fromkeys(r["strategy"] for r in runs))
-        for strategy in strategies:
-            mine = [r for r in runs if r["strategy"] == strategy]
-            seeds = ",".join(str(r["seed"]) for r in mine if r["seed"] is not None) or str(len(mine))
-            unfinished = sum(r["status"] != "completed" for r in mine)
-            cells = [_cell(_mean_std([r[k] for r in mine]), spec, 2**-20 if k == "bytes_per_round" else 1.0)
-                     for k, _, spec in TABLE_COLUMNS]
-            name = strategy + (f" ({unfinished} unfinished)" if unfinished else "")
-            lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+        mine = [label for label in labels if any(r["label"] == label for r in runs)]
+        lines += [f"## {setting}", "", *_setting_table(runs, mine)]
         fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        colors = {st: cycle[i % len(cycle)] for i, st in enumerate(strategies)}
         panels = [(m, f"global validation {m}", "linear"), ("agg_error_rel", "relative aggregation error", "log"),
                   ("basis_overlap", "basis overlap (client vs global)", "linear"),
                   ("rotation_size", "rotation size ‖R − I‖_F (fedrot)", "linear")]
+        if not any(r["series"]["rotation_size"] for r in runs) and any(r["series"][f"personal_{m}"] for r in runs):
+            panels[3] = (f"personal_{m}", f"personalised {m} (weighted)", "linear")
         for ax, (key, title, scale) in zip(axes.flat, panels):
             if _band_plot(ax, runs, key, colors):
                 ax.legend(fontsize=8)
@@ -250,8 +380,8 @@ def grid_report(root: str | Path) -> Path:
         fig.suptitle(f"{setting}: mean ± std over seeds")
         fig.tight_layout()
         slug = setting.replace("/", "__")
-        plot = _save_figure(fig, root / "plots" / f"{slug}.png")
-        lines += ["", f"![{setting}]({plot.relative_to(root).as_posix()})", ""]
-    out = root / "summary.md"
-    atomic_write(out, "\n".join(lines) + "\n")
-    return out
+        plot = _save_figure(fig, out / "plots" / f"{slug}.png")
+        lines += ["", f"![{setting}]({plot.relative_to(out).as_posix()})", ""]
+    path = out / "summary.md"
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path

@@ -27,8 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser("report", help="summary.md and plots for a folder of runs (a compare grid)",
                        description="Write DIR/summary.md (one table per setting, mean ± population std over "
-                                   "seeds) and DIR/plots/<setting>.png.")
-    r.add_argument("dir", help="a folder of run directories, e.g. a `fedlora compare` output")
+                                   "seeds; an overview of every setting) and DIR/plots/<setting>.png. Several "
+                                   "folders are merged into one report (settings of the same name become one "
+                                   "table) written to --output.")
+    r.add_argument("dirs", nargs="+", metavar="dir", help="a folder of run directories, e.g. a `fedlora compare` output")
+    r.add_argument("--output", default=None, help="where summary.md and plots/ go (default: the single DIR)")
     r.set_defaults(func=cmd_report)
 
 
@@ -61,5 +64,5 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from fedlora.report import grid_report
 
-    print(f"report: {grid_report(args.dir)}")
+    print(f"report: {grid_report(args.dirs, args.output)}")
     return 0
