@@ -183,3 +183,24 @@ def test_report_of_several_folders_needs_an_output(rank_grids):
     args = build_parser().parse_args(["report", *map(str, rank_grids)])
     with pytest.raises(ConfigError, match="--output"):
         args.func(args)
+
+
+def test_jobs_run_cells_in_parallel_processes_with_the_same_results(grid, tiny, tmp_path):
+    """--jobs 2: every cell runs (in worker processes, output in logs/), then a re-run skips them all;
+    the runs match the one-at-a-time grid (up to float summation order: other thread counts)."""
+    out = tmp_path / "par"
+    assert compare(tiny, out, "--jobs", "2") == 0
+    cells = sorted(p.parent.relative_to(out).as_posix() for p in out.rglob("summary.json"))
+    assert cells == sorted(p.parent.relative_to(grid).as_posix() for p in grid.rglob("summary.json"))
+    for c in cells:
+        got = [json.loads(x) for x in (out / c / "metrics.jsonl").read_text().splitlines()]
+        ref = [json.loads(x) for x in (grid / c / "metrics.jsonl").read_text().splitlines()]
+        assert [r["train_loss"] for r in got] == pytest.approx([r["train_loss"] for r in ref], rel=1e-4)
+        setting, strategy, seed = c.split("/")
+        log = (out / "logs" / f"{setting}-{strategy}-{seed}.log").read_text()
+        assert f"run directory: {out / c}" in re.sub(r"\s*\n\s*", " ", log) and "round 2/2" in log
+    before = mtimes(out)
+    assert compare(tiny, out, "--jobs", "2") == 0
+    assert mtimes(out) == before
+    with pytest.raises(ConfigError, match="--jobs"):
+        compare(tiny, out, "--jobs", "0")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import RunConfig, load_config, parse_value
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, FedLoRAError
 
 
 @dataclass(frozen=True)
@@ -124,16 +124,25 @@ def cell_config(config: str | Path | None, cell: Cell, overrides: Sequence[str] 
 
 def run_grid(config: str | Path | None, cells: Sequence[Cell], overrides: Sequence[str] = (), *,
              progress: bool | None = None, announce: Callable[[int, int, Cell, str], None] | None = None,
+             jobs: int = 1, finished: Callable[[Cell, dict[str, Any] | None, BaseException | None], None] | None = None,
              ) -> GridResult:
     """Run every cell not yet completed; resume the ones that started. Every new cell's config is
     checked before the first run starts, so a typo in a grid value fails in seconds, not hours.
-    ``announce(i, n, cell, status)`` is called before each cell (the progress display)."""
+    ``announce(i, n, cell, status)`` is called before each cell (the progress display).
+
+    With ``jobs`` > 1, that many cells run at once, each in its own process with
+    ``cpu_count // jobs`` torch threads (unless the config sets ``model.threads``) and its output in
+    ``<output>/logs/<setting>-<strategy>-seed-<s>.log``; ``finished(cell, summary, error)`` is called
+    as each one ends. A failed cell does not stop the others; the first failure is raised at the end.
+    """
     from fedlora.sim.engine import build_strategy, run
 
     statuses = [cell_status(c.run_dir) for c in cells]
     configs = {c.run_dir: cell_config(config, c, overrides) for c, s in zip(cells, statuses) if s == "new"}
     for cfg in configs.values():  # a strategy option another strategy of the grid lacks fails here
         build_strategy(cfg)
+    if jobs > 1:
+        return _run_parallel(cells, statuses, configs, jobs, announce, finished)
     result = GridResult()
     for i, (cell, status) in enumerate(zip(cells, statuses)):
         if announce:
@@ -148,6 +157,76 @@ def run_grid(config: str | Path | None, cells: Sequence[Cell], overrides: Sequen
         else:
             run(configs[cell.run_dir], progress=progress)
             result.ran.append(cell.run_dir)
+    return result
+
+
+def cell_log(cell: Cell) -> Path:
+    """Where a cell run by ``--jobs`` writes its output: beside the grid's settings, in ``logs/``."""
+    return cell.run_dir.parents[2] / "logs" / f"{cell.setting}-{cell.strategy}-seed-{cell.seed}.log"
+
+
+def _run_cell(cfg: RunConfig | None, run_dir: Path, threads: int, log: Path) -> dict[str, Any]:
+    """One cell in a worker process (``jobs`` > 1): output to ``log``; a resumed cell (``cfg`` None)
+    continues from its stored config."""
+    import contextlib
+    import os
+
+    import torch
+
+    from fedlora.sim.engine import run
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", buffering=1) as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        os.environ["COLUMNS"] = "200"  # rich wraps at this width when writing to a file
+        if cfg is None:
+            return run(load_config(run_dir / "config.toml"), resume=run_dir, progress=False)
+        return run(cfg, progress=False)
+
+
+def _run_parallel(cells: Sequence[Cell], statuses: Sequence[str], configs: dict[Path, RunConfig], jobs: int,
+                  announce, finished) -> GridResult:
+    import concurrent.futures as cf
+    import multiprocessing
+    import os
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    result = GridResult()
+    errors: list[tuple[Cell, BaseException]] = []
+    # spawn, not fork: torch's thread pools do not survive a fork
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for i, (cell, status) in enumerate(zip(cells, statuses)):
+            if announce:
+                announce(i, len(cells), cell, status)
+            if status == "done":
+                result.skipped.append(cell.run_dir)
+                continue
+            cfg = configs.get(cell.run_dir)
+            # a config that sets model.threads keeps it; otherwise the cores are shared among the jobs
+            n = 0 if cfg is not None and cfg.model.threads > 0 else threads
+            futures[pool.submit(_run_cell, cfg, cell.run_dir, n, cell_log(cell))] = (cell, status)
+        try:
+            for fut in cf.as_completed(futures):
+                cell, status = futures[fut]
+                try:
+                    summary = fut.result()
+                except BaseException as e:  # noqa: BLE001 — reported per cell, raised after the rest
+                    errors.append((cell, e))
+                    if finished:
+                        finished(cell, None, e)
+                    continue
+                (result.resumed if status == "resume" else result.ran).append(cell.run_dir)
+                if finished:
+                    finished(cell, summary, None)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=True, cancel_futures=True)  # running cells write their summaries and stop
+            raise
+    if errors:
+        cell, e = errors[0]
+        raise FedLoRAError(f"{len(errors)} of the grid's cells failed; the first, {cell.setting} · {cell.strategy} · "
+                          f"seed {cell.seed}: {e} (its output: {cell_log(cell)})") from e
     return result
 
 

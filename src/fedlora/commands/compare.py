@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value in every cell")
     p.add_argument("--output-dir", default=None, help="where the grid goes (default runs/compare/<config name>)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N cells at once, each in its own process with cpu_count/N torch threads and its "
+                        "output in OUTPUT/logs/ (default 1: one cell at a time, output on the terminal)")
     p.add_argument("--no-report", action="store_true", help="do not write summary.md and plots at the end")
     p.add_argument("--quiet", action="store_true", help="no per-round progress bar")
     p.set_defaults(func=cmd_compare)
@@ -38,22 +41,42 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_compare(args) -> int:
     from rich.console import Console
 
-    from fedlora.experiments import expand_grid, parse_grid, parse_seeds, run_grid, split_list
+    from fedlora.errors import ConfigError
+    from fedlora.experiments import cell_log, expand_grid, parse_grid, parse_seeds, run_grid, split_list
     from fedlora.report import grid_report
 
     console = Console(highlight=False)
     out = Path(args.output_dir or Path("runs") / "compare" / Path(args.config).stem)
     cells = expand_grid(out, split_list(args.strategies, "--strategies"), parse_seeds(args.seeds),
                         parse_grid(args.grid))
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: expected 1 or more")
     t0 = time.perf_counter()
 
     def announce(i, n, cell, status):
+        if args.jobs > 1:  # one line per queued cell: the cells' own output goes to logs/
+            if status != "done":
+                console.print(f"[bold][{i + 1}/{n}][/] {cell.setting} · {cell.strategy} · seed {cell.seed}: "
+                              f"{'resuming' if status == 'resume' else 'queued'}")
+            return
         what = {"done": "[dim]done, skipped[/]", "resume": "[yellow]resuming[/]", "new": "[green]starting[/]"}[status]
         elapsed = time.perf_counter() - t0
         console.rule(f"[bold][{i + 1}/{n}][/] {cell.setting} · {cell.strategy} · seed {cell.seed} — {what} "
                      f"[dim]({elapsed:.0f} s elapsed)[/]")
 
-    result = run_grid(args.config, cells, args.overrides, progress=False if args.quiet else None, announce=announce)
+    def finished(cell, summary, error):
+        elapsed = time.perf_counter() - t0
+        where = f"{cell.setting} · {cell.strategy} · seed {cell.seed}"
+        if error is not None:
+            console.print(f"[red]failed[/] {where}: {error} [dim](log: {cell_log(cell)})[/]")
+            return
+        m = summary.get("metric", "accuracy")
+        best = summary.get(f"best_{m}")
+        console.print(f"[green]done[/] {where}: best {m} {best if best is None else format(best, '.4f')}, "
+                      f"{summary.get('wall_s', 0):.0f} s [dim]({elapsed:.0f} s elapsed)[/]")
+
+    result = run_grid(args.config, cells, args.overrides, progress=False if args.quiet else None, announce=announce,
+                      jobs=args.jobs, finished=finished)
     console.print(f"grid {out}: {len(result.ran)} ran, {len(result.resumed)} resumed, {len(result.skipped)} skipped "
                   f"in {time.perf_counter() - t0:.0f} s")
     if not args.no_report:
