@@ -1,0 +1,152 @@
+"""The derived tables and plots of docs/results/README.md, from the runs of run-grid.sh.
+
+    python docs/results/make_results.py          # after run-grid.sh; reads runs/, writes docs/results/
+
+Writes ``derived.md`` (the λ scan with fedit as λ = 0, the aggregation-error ratios, the random
+rotation, the rank study's collapse check), ``lambda.png``, ``agg-error.png`` and ``runs.csv`` (every
+run's per-round series, so any table here can be recomputed without the run directories). Everything
+is read through :func:`fedlora.report.run_stats`, the numbers ``fedlora report`` prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from fedlora.experiments import find_runs
+from fedlora.report import run_stats
+
+HERE = Path(__file__).resolve().parent
+RUNS = HERE.parents[1] / "runs"
+MAIN, RANK, RANK_RS = RUNS / "cpu-fedrot-vs-fedit", RUNS / "cpu-sfed-rank", RUNS / "cpu-sfed-rank-rslora"
+
+
+def load(root: Path) -> list[dict]:
+    out = []
+    for f in find_runs(root) if root.is_dir() else []:
+        st = run_stats(f["run_dir"])
+        st.update(setting=f["setting"], strategy=f["strategy"], seed=f["seed"], grid=root.name)
+        out.append(st)
+    return out
+
+
+def pick(runs, setting, strategy):
+    return sorted((r for r in runs if r["setting"] == setting and r["strategy"] == strategy), key=lambda r: r["seed"])
+
+
+def ms(vals, spec=".4f"):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "—"
+    return f"{format(float(np.mean(vals)), spec)} ± {format(float(np.std(vals)), spec)}"
+
+
+def main() -> int:
+    main_runs, rank_runs = load(MAIN), load(RANK) + load(RANK_RS)
+    lines = ["# Derived tables (docs/results/make_results.py)", ""]
+
+    # ---- λ scan: fedit is λ = 0 (bit-identical, tested), the main grid's fedrot is λ = 0.4 ----
+    scan = [(0.0, pick(main_runs, "default", "fedit")), (0.2, pick(main_runs, "lam-0.2", "fedrot")),
+            (0.4, pick(main_runs, "default", "fedrot")), (0.6, pick(main_runs, "lam-0.6", "fedrot")),
+            (1.0, pick(main_runs, "lam-1.0", "fedrot"))]
+    random_gauge = pick(main_runs, "gauge-random", "fedrot")
+    lines += ["## Comparison 2b and 5: FedRot's λ, and a random rotation", "",
+              "| fedrot | seeds | best acc (max over rounds) | final acc | mean last 5 | mean rel. agg. error |",
+              "|---|---|---|---|---|---|"]
+    for lam, runs in scan + [("random R", random_gauge)]:
+        name = f"λ = {lam}" + (" (fedit)" if lam == 0.0 else " (default)" if lam == 0.4 else "") \
+            if lam != "random R" else "Haar-random R"
+        lines.append(f"| {name} | {len(runs)} | {ms([r['best'] for r in runs])} | {ms([r['final'] for r in runs])} | "
+                     f"{ms([r['last5'] for r in runs])} | {ms([r['agg_error_rel'] for r in runs], '.3e')} |")
+    lam0 = pick(main_runs, "lam-0", "fedrot")
+    if lam0:
+        fedit11 = [r for r in scan[0][1] if r["seed"] == lam0[0]["seed"]]
+        same = fedit11 and lam0[0]["series"]["accuracy"] == fedit11[0]["series"]["accuracy"] \
+            and lam0[0]["series"]["agg_error_rel"] == fedit11[0]["series"]["agg_error_rel"]
+        lines += ["", f"Check: fedrot at λ = 0, seed {lam0[0]['seed']}, has {'the same' if same else 'NOT the same'} "
+                      "per-round accuracy and aggregation error as fedit, bit for bit."]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [lam for lam, runs in scan if runs]
+    for ax, key, title in ((axes[0], "best", "best global accuracy"), (axes[1], "agg_error_rel", "mean rel. aggregation error")):
+        ys = [[r[key] for r in runs] for _, runs in scan if runs]
+        ax.errorbar(xs, [np.mean(y) for y in ys], yerr=[np.std(y) for y in ys], marker="o", capsize=3, label="fedrot (λ = 0: fedit)")
+        if random_gauge:
+            v = [r[key] for r in random_gauge]
+            ax.axhline(np.mean(v), color="tab:red", ls="--", label="Haar-random rotation")
+        ax.set(xlabel="λ", title=f"{title} (mean ± std, 3 seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(HERE / "lambda.png", dpi=120)
+    plt.close(fig)
+
+    # ---- comparison 1: aggregation error, fedit / fedrot, per seed and per round ----
+    lines += ["", "## Comparison 1: aggregation error, fedit against fedrot", "",
+              "Ratio of fedit's relative aggregation error to fedrot's, per seed: the mean over rounds of "
+              "each, and the median of the per-round ratios over rounds ≥ 2 (round 1 has no alignment).", "",
+              "| fedrot | seed | fedit mean | fedrot mean | ratio of means | median per-round ratio (rounds ≥ 2) |",
+              "|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for lam, setting in ((0.4, "default"), (1.0, "lam-1.0")):
+        for a, b in zip(pick(main_runs, "default", "fedit"), pick(main_runs, setting, "fedrot")):
+            ea, eb = dict(a["series"]["agg_error_rel"]), dict(b["series"]["agg_error_rel"])
+            common = [t for t in sorted(ea) if t in eb and t >= 2]
+            per_round = [ea[t] / eb[t] for t in common]
+            lines.append(f"| λ = {lam} | {a['seed']} | {a['agg_error_rel']:.3e} | {b['agg_error_rel']:.3e} | "
+                         f"{a['agg_error_rel'] / b['agg_error_rel']:.2f}× | {np.median(per_round):.2f}× |")
+    for label, setting, strategy in (("fedit", "default", "fedit"), ("fedrot λ=0.4", "default", "fedrot"),
+                                     ("fedrot λ=1.0", "lam-1.0", "fedrot"), ("random R", "gauge-random", "fedrot")):
+        runs = pick(main_runs, setting, strategy)
+        if not runs:
+            continue
+        common = sorted(set.intersection(*(set(dict(r["series"]["agg_error_rel"])) for r in runs)))
+        vals = np.array([[dict(r["series"]["agg_error_rel"])[t] for t in common] for r in runs])
+        ax.plot(common, vals.mean(0), marker="o", markersize=3, label=f"{label} (n={len(runs)})")
+        ax.fill_between(common, vals.min(0), vals.max(0), alpha=0.2)
+    ax.set(xlabel="round", ylabel="‖Σ p_k ΔW_k − ΔW_global‖ / ‖Σ p_k ΔW_k‖", yscale="log",
+           title="relative aggregation error (mean; band: min–max over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(HERE / "agg-error.png", dpi=120)
+    plt.close(fig)
+
+    # ---- comparison 3: the rank study, per r: did a run learn at all? ----
+    if rank_runs:
+        lines += ["", "## Comparison 3: accuracy by rank (personalised, weighted)", "",
+                  "| strategy | γ at r = 4 / 64 / 256 | r = 4 | r = 64 | r = 256 |", "|---|---|---|---|---|"]
+        for label, grid, strategy, gamma in (
+                ("sfed", "cpu-sfed-rank", "sfed", lambda r: 8 * (10 / r) ** 0.5),
+                ("fedsa", "cpu-sfed-rank", "fedsa", lambda r: 8 / r),
+                ("fedsa[rslora]", "cpu-sfed-rank-rslora", "fedsa", lambda r: 8 / r ** 0.5)):
+            cells = []
+            for r in (4, 64, 256):
+                runs = [x for x in rank_runs if x["grid"] == grid and x["strategy"] == strategy and x["setting"] == f"r-{r}"]
+                cells.append(f"{ms([x['personal_best'] for x in runs])} (n={len(runs)})")
+            lines.append(f"| {label} | {' / '.join(f'{gamma(r):.3g}' for r in (4, 64, 256))} | " + " | ".join(cells) + " |")
+
+    # ---- every run's per-round series ----
+    keys = ["accuracy", "personal_accuracy", "agg_error_rel", "basis_overlap", "rotation_size"]
+    with open(HERE / "runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["grid", "setting", "strategy", "seed", "round", *keys])
+        for r in main_runs + rank_runs:
+            series = {k: dict(r["series"].get(k, [])) for k in keys}
+            for t in sorted(set().union(*series.values())):
+                w.writerow([r["grid"], r["setting"], r["strategy"], r["seed"], t,
+                            *(f"{series[k][t]:.6g}" if t in series[k] else "" for k in keys)])
+    (HERE / "derived.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
