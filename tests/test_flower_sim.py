@@ -27,7 +27,7 @@ def initial_adapter(cfg):
 def test_flower_simulation_matches_the_embedded_engine(tiny, strategy):
     want, erows = engine_run(cfg_for(tiny, f"engine-{strategy}", strategy__name=f'"{strategy}"'))
     fcfg = cfg_for(tiny, f"flower-{strategy}", strategy__name=f'"{strategy}"')
-    out = run_sim(fcfg, FlowerOptions(min_replies=3, round_timeout=120))
+    out = run_sim(fcfg, FlowerOptions(min_replies=3, round_timeout=600))
     got = out["state"]
     assert got.round == want.round == 2
     assert_close_adapters(got.adapter, want.adapter)
