@@ -204,3 +204,56 @@ def test_jobs_run_cells_in_parallel_processes_with_the_same_results(grid, tiny, 
     assert mtimes(out) == before
     with pytest.raises(ConfigError, match="--jobs"):
         compare(tiny, out, "--jobs", "0")
+
+
+def test_jobs_a_failing_cell_does_not_stop_the_others(tiny, tmp_path):
+    """A cell that fails when it starts (a rank above the tiny model's width) is reported with its
+    log; the grid's other cells finish."""
+    from fedlora.errors import FedLoRAError
+
+    out = tmp_path / "bad"
+    with pytest.raises(FedLoRAError, match=r"2 of the grid's cells failed; the first, r-4096 · fedit · seed 11: .*rank 4096 exceeds") as e:
+        compare(tiny, out, "--jobs", "2", "--grid", "lora.r=4096,2", strategies="fedit")
+    assert "r-4096-fedit-seed-11.log" in str(e.value)
+    done = sorted(p.parent.relative_to(out).as_posix() for p in out.rglob("summary.json")
+                  if json.loads(p.read_text())["status"] == "completed")
+    assert done == ["r-2/fedit/seed-11", "r-2/fedit/seed-12"]
+    assert "Traceback" in (out / "logs" / "r-4096-fedit-seed-12.log").read_text()
+
+
+@pytest.mark.slow
+def test_jobs_ctrl_c_keeps_complete_rounds_and_the_grid_resumes(tiny, tmp_path):
+    """SIGINT to a `fedlora compare --jobs 2` (as a terminal's Ctrl-C: the whole process group):
+    no new cell starts, the running ones stop with a resumable checkpoint, the command fails; the
+    same command then finishes the grid."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, model, data = tiny
+    out = tmp_path / "int"
+    sets = [a for kv in tiny_overrides(root, model, data, train__rounds=60, data__eval_examples=24,
+                                       train__local_steps=2) for a in ("--set", kv)]
+    cmd = [sys.executable, "-m", "fedlora.cli", "compare", str(CONFIGS[0].parent / "quickstart.toml"), "--strategies",
+           "fedit", "--seeds", "11,12,13", "--output-dir", str(out), "--no-report", "--jobs", "2", *sets]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # until both running cells have completed a few rounds
+        rows = [len(p.read_text().splitlines()) for p in out.rglob("metrics.jsonl")]
+        if len(rows) == 2 and min(rows) >= 3:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, output
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in out.rglob("summary.json")}
+    assert set(summaries) == {"seed-11", "seed-12"} and not (out / "default/fedit/seed-13").exists()  # never started
+    assert all(s["status"] == "interrupted" and 3 <= s["rounds_completed"] < 60 for s in summaries.values())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 ran, 2 resumed, 0 skipped" in " ".join(proc.stdout.split())
+    for seed in (11, 12, 13):
+        s = json.loads((out / f"default/fedit/seed-{seed}/summary.json").read_text())
+        assert s["status"] == "completed" and s["rounds_completed"] == 60

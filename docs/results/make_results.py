@@ -45,12 +45,44 @@ def ms(vals, spec=".4f"):
     vals = [v for v in vals if v is not None]
     if not vals:
         return "—"
-    return f"{format(float(np.mean(vals)), spec)} ± {format(float(np.std(vals)), spec)}"
+    return f"{format(float(np.mean(vals)), spec)} ± {format(float(np.std(vals)), spec.lstrip('+'))}"
 
 
 def main() -> int:
     main_runs, rank_runs = load(MAIN), load(RANK) + load(RANK_RS)
     lines = ["# Derived tables (docs/results/make_results.py)", ""]
+
+    # ---- comparison 2a: the accuracy ordering, and each strategy's paired difference to fedit ----
+    strategies = ["fedit", "fedrot", "ffa", "rolora", "flexlora", "fedsa", "subspace"]
+    fedit_by_seed = {r["seed"]: r for r in pick(main_runs, "default", "fedit")}
+    rows = []
+    for st in strategies:
+        runs = pick(main_runs, "default", st)
+        if not runs:
+            continue
+        diff = [r["best"] - fedit_by_seed[r["seed"]]["best"] for r in runs if r["seed"] in fedit_by_seed]
+        dl5 = [r["last5"] - fedit_by_seed[r["seed"]]["last5"] for r in runs if r["seed"] in fedit_by_seed]
+        rows.append((float(np.mean([r["best"] for r in runs])), st, runs, diff, dl5))
+    lines += ["## Comparison 2a: accuracy ordering (N = 10, Dirichlet 0.5)", "",
+              "Sorted by best global accuracy. Paired differences to fedit are per seed (the same seed gives "
+              "the same partition, initial adapter and evaluation subset), then mean ± std.", "",
+              "| strategy | seeds | best acc | Δ best vs fedit | mean last 5 | Δ last 5 vs fedit | best personalised (w) |",
+              "|---|---|---|---|---|---|---|"]
+    for _, st, runs, diff, dl5 in sorted(rows, key=lambda x: -x[0]):
+        lines.append(f"| {st} | {len(runs)} | {ms([r['best'] for r in runs])} | {ms(diff, '+.4f')} | "
+                     f"{ms([r['last5'] for r in runs])} | {ms(dl5, '+.4f')} | {ms([r['personal_best'] for r in runs])} |")
+
+    # ---- comparison 4: basis overlap from round 2 on ----
+    lines += ["", "## Comparison 4: basis overlap (client B vs global B)", "",
+              "| strategy | seeds | round 1 | mean over rounds ≥ 2 | final round |", "|---|---|---|---|---|"]
+    for st in strategies:
+        runs = [r for r in pick(main_runs, "default", st) if r["series"]["basis_overlap"]]
+        if runs:
+            ov = [dict(r["series"]["basis_overlap"]) for r in runs]
+            lines.append(f"| {st} | {len(runs)} | {ms([o[1] for o in ov])} | "
+                         f"{ms([np.mean([v for t, v in o.items() if t >= 2]) for o in ov])} | "
+                         f"{ms([o[max(o)] for o in ov])} |")
+    lines.append("")
 
     # ---- λ scan: fedit is λ = 0 (bit-identical, tested), the main grid's fedrot is λ = 0.4 ----
     scan = [(0.0, pick(main_runs, "default", "fedit")), (0.2, pick(main_runs, "lam-0.2", "fedrot")),

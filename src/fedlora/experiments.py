@@ -165,11 +165,13 @@ def cell_log(cell: Cell) -> Path:
     return cell.run_dir.parents[2] / "logs" / f"{cell.setting}-{cell.strategy}-seed-{cell.seed}.log"
 
 
-def _run_cell(cfg: RunConfig | None, run_dir: Path, threads: int, log: Path) -> dict[str, Any]:
-    """One cell in a worker process (``jobs`` > 1): output to ``log``; a resumed cell (``cfg`` None)
-    continues from its stored config."""
+def _run_cell(cfg: RunConfig | None, run_dir: Path, threads: int, log: Path) -> None:
+    """One cell in a worker process (``jobs`` > 1), its output and any traceback in ``log``; a
+    resumed cell (``cfg`` None) continues from its stored config. Exits 1 when the run fails."""
     import contextlib
     import os
+    import sys
+    import traceback
 
     import torch
 
@@ -180,53 +182,91 @@ def _run_cell(cfg: RunConfig | None, run_dir: Path, threads: int, log: Path) -> 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", buffering=1) as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         os.environ["COLUMNS"] = "200"  # rich wraps at this width when writing to a file
-        if cfg is None:
-            return run(load_config(run_dir / "config.toml"), resume=run_dir, progress=False)
-        return run(cfg, progress=False)
+        try:
+            if cfg is None:
+                run(load_config(run_dir / "config.toml"), resume=run_dir, progress=False)
+            else:
+                run(cfg, progress=False)
+        except KeyboardInterrupt:  # the run kept its complete rounds and wrote its summary
+            sys.exit(130)
+        except BaseException:  # noqa: BLE001 — the traceback goes to the cell's log
+            traceback.print_exc()
+            sys.exit(1)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [x for x in path.read_text().splitlines() if x.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
 
 
 def _run_parallel(cells: Sequence[Cell], statuses: Sequence[str], configs: dict[Path, RunConfig], jobs: int,
                   announce, finished) -> GridResult:
-    import concurrent.futures as cf
+    """Up to ``jobs`` cells at once, one spawned process each (spawn, not fork: torch's thread pools
+    do not survive a fork). Ctrl-C: no new cell starts; the running ones are interrupted, keep their
+    complete rounds (resumable), and the interrupt is re-raised once they have exited."""
     import multiprocessing
     import os
+    import signal
+    from collections import deque
+    from multiprocessing.connection import wait
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")
     result = GridResult()
-    errors: list[tuple[Cell, BaseException]] = []
-    # spawn, not fork: torch's thread pools do not survive a fork
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {}
-        for i, (cell, status) in enumerate(zip(cells, statuses)):
-            if announce:
-                announce(i, len(cells), cell, status)
-            if status == "done":
-                result.skipped.append(cell.run_dir)
-                continue
-            cfg = configs.get(cell.run_dir)
-            # a config that sets model.threads keeps it; otherwise the cores are shared among the jobs
-            n = 0 if cfg is not None and cfg.model.threads > 0 else threads
-            futures[pool.submit(_run_cell, cfg, cell.run_dir, n, cell_log(cell))] = (cell, status)
-        try:
-            for fut in cf.as_completed(futures):
-                cell, status = futures[fut]
-                try:
-                    summary = fut.result()
-                except BaseException as e:  # noqa: BLE001 — reported per cell, raised after the rest
-                    errors.append((cell, e))
-                    if finished:
-                        finished(cell, None, e)
-                    continue
-                (result.resumed if status == "resume" else result.ran).append(cell.run_dir)
-                if finished:
-                    finished(cell, summary, None)
-        except KeyboardInterrupt:
-            pool.shutdown(wait=True, cancel_futures=True)  # running cells write their summaries and stop
-            raise
+    errors: list[tuple[int, Cell, str]] = []  # (grid position, cell, why)
+    order = {c.run_dir: i for i, c in enumerate(cells)}
+    pending = deque()
+    for i, (cell, status) in enumerate(zip(cells, statuses)):
+        if announce:
+            announce(i, len(cells), cell, status)
+        if status == "done":
+            result.skipped.append(cell.run_dir)
+        else:
+            pending.append((cell, status, configs.get(cell.run_dir)))
+    running: dict = {}
+
+    def reap(proc) -> None:
+        cell, status = running.pop(proc)
+        proc.join()
+        if proc.exitcode == 0:
+            (result.resumed if status == "resume" else result.ran).append(cell.run_dir)
+            if finished:
+                finished(cell, json.loads((cell.run_dir / "summary.json").read_text()), None)
+        else:
+            why = _last_line(cell_log(cell)) or f"exit code {proc.exitcode}"
+            errors.append((order[cell.run_dir], cell, why))
+            if finished:
+                finished(cell, None, FedLoRAError(why))
+
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                cell, status, cfg = pending.popleft()
+                # a config that sets model.threads keeps it; otherwise the cores are shared among the jobs
+                n = 0 if cfg is not None and cfg.model.threads > 0 else threads
+                proc = ctx.Process(target=_run_cell, args=(cfg, cell.run_dir, n, cell_log(cell)), daemon=False)
+                proc.start()
+                running[proc] = (cell, status)
+            for sentinel in wait([p.sentinel for p in running]):
+                reap(next(p for p in running if p.sentinel == sentinel))
+    except KeyboardInterrupt:
+        # a terminal's Ctrl-C reaches the whole process group, so the cells are already stopping; a
+        # second SIGINT would cut their summary short. Only a cell still running after a grace
+        # period (the parent alone was signalled) gets one.
+        for proc in list(running):
+            proc.join(timeout=15)
+        for proc in list(running):
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGINT)
+            proc.join()
+        raise
     if errors:
-        cell, e = errors[0]
+        _, cell, why = min(errors, key=lambda e: e[0])  # the first in grid order, whichever failed first
         raise FedLoRAError(f"{len(errors)} of the grid's cells failed; the first, {cell.setting} · {cell.strategy} · "
-                          f"seed {cell.seed}: {e} (its output: {cell_log(cell)})") from e
+                           f"seed {cell.seed}: {why} (its output: {cell_log(cell)})")
     return result
 
 
