@@ -90,13 +90,18 @@ def main() -> int:
             (1.0, pick(main_runs, "lam-1.0", "fedrot"))]
     random_gauge = pick(main_runs, "gauge-random", "fedrot")
     lines += ["## Comparison 2b and 5: FedRot's λ, and a random rotation", "",
-              "| fedrot | seeds | best acc (max over rounds) | final acc | mean last 5 | mean rel. agg. error |",
-              "|---|---|---|---|---|---|"]
+              "Δ: paired with fedit (λ = 0) on the same seed, then mean ± std.", "",
+              "| fedrot | seeds | best acc (max over rounds) | Δ best | final acc | mean last 5 | Δ last 5 | "
+              "mean rel. agg. error |",
+              "|---|---|---|---|---|---|---|---|"]
     for lam, runs in scan + [("random R", random_gauge)]:
         name = f"λ = {lam}" + (" (fedit)" if lam == 0.0 else " (default)" if lam == 0.4 else "") \
             if lam != "random R" else "Haar-random R"
-        lines.append(f"| {name} | {len(runs)} | {ms([r['best'] for r in runs])} | {ms([r['final'] for r in runs])} | "
-                     f"{ms([r['last5'] for r in runs])} | {ms([r['agg_error_rel'] for r in runs], '.3e')} |")
+        d_best = [r["best"] - fedit_by_seed[r["seed"]]["best"] for r in runs if r["seed"] in fedit_by_seed]
+        d_last = [r["last5"] - fedit_by_seed[r["seed"]]["last5"] for r in runs if r["seed"] in fedit_by_seed]
+        lines.append(f"| {name} | {len(runs)} | {ms([r['best'] for r in runs])} | {ms(d_best, '+.4f')} | "
+                     f"{ms([r['final'] for r in runs])} | {ms([r['last5'] for r in runs])} | {ms(d_last, '+.4f')} | "
+                     f"{ms([r['agg_error_rel'] for r in runs], '.3e')} |")
     lam0 = pick(main_runs, "lam-0", "fedrot")
     if lam0:
         fedit11 = [r for r in scan[0][1] if r["seed"] == lam0[0]["seed"]]
