@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from fedlora.experiments import find_runs
 from fedlora.report import run_stats
@@ -32,9 +33,31 @@ def load(root: Path) -> list[dict]:
     out = []
     for f in find_runs(root) if root.is_dir() else []:
         st = run_stats(f["run_dir"])
-        st.update(setting=f["setting"], strategy=f["strategy"], seed=f["seed"], grid=root.name)
+        st.update(setting=f["setting"], strategy=f["strategy"], seed=f["seed"], grid=root.name, run_dir=f["run_dir"])
         out.append(st)
     return out
+
+
+def label_prior_baseline(run_dir: Path) -> dict[str, float]:
+    """What predicting a constant label scores: on the global validation subset, the training set's
+    majority label; on each client's held-out slice (as the personalised evaluation reads it), that
+    client's own majority label, weighted by slice size. A model that learned only the label mix
+    scores this."""
+    from fedlora.config import load_config
+    from fedlora.sim.engine import prepare
+
+    cfg = load_config(Path(run_dir) / "config.toml")
+    fed = prepare(cfg, lambda s: None)
+    labels = fed.train.labels
+    top = np.bincount(labels).argmax()
+    glob = float(np.mean(fed.validation.labels[fed.eval_indices] == top))
+    hits = n = 0
+    for train_idx, held in zip(fed.client_train, fed.client_heldout):
+        held = held[: cfg.eval.client_examples] if cfg.eval.client_examples > 0 else held
+        mine = np.bincount(labels[train_idx]).argmax()
+        hits += int(np.sum(labels[held] == mine))
+        n += len(held)
+    return {"global": glob, "personal": hits / n}
 
 
 def pick(runs, setting, strategy):
@@ -148,6 +171,7 @@ def main() -> int:
         vals = np.array([[dict(r["series"]["agg_error_rel"])[t] for t in common] for r in runs])
         ax.plot(common, vals.mean(0), marker="o", markersize=3, label=f"{label} (n={len(runs)})")
         ax.fill_between(common, vals.min(0), vals.max(0), alpha=0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="‖Σ p_k ΔW_k − ΔW_global‖ / ‖Σ p_k ΔW_k‖", yscale="log",
            title="relative aggregation error (mean; band: min–max over seeds)")
     ax.grid(alpha=0.3)
@@ -158,7 +182,10 @@ def main() -> int:
 
     # ---- comparison 3: the rank study, per r: did a run learn at all? ----
     if rank_runs:
-        lines += ["", "## Comparison 3: accuracy by rank (personalised, weighted)", "",
+        lines += ["", "## Comparison 3: accuracy by rank", "",
+                  "Per rank: best personalised accuracy (weighted; max over rounds), and in brackets the mean "
+                  "of its last 5 rounds; mean ± std over the seeds run (n). The server never sees B in these "
+                  "methods, so there is no aggregation error or global ΔW to report.", "",
                   "| strategy | γ at r = 4 / 64 / 256 | r = 4 | r = 64 | r = 256 |", "|---|---|---|---|---|"]
         for label, grid, strategy, gamma in (
                 ("sfed", "cpu-sfed-rank", "sfed", lambda r: 8 * (10 / r) ** 0.5),
@@ -167,8 +194,18 @@ def main() -> int:
             cells = []
             for r in (4, 64, 256):
                 runs = [x for x in rank_runs if x["grid"] == grid and x["strategy"] == strategy and x["setting"] == f"r-{r}"]
-                cells.append(f"{ms([x['personal_best'] for x in runs])} (n={len(runs)})")
+                last5 = [np.mean([v for _, v in x["series"]["personal_accuracy"][-5:]]) for x in runs]
+                cells.append(f"{ms([x['personal_best'] for x in runs])} [{ms(last5)}] (n={len(runs)})")
             lines.append(f"| {label} | {' / '.join(f'{gamma(r):.3g}' for r in (4, 64, 256))} | " + " | ".join(cells) + " |")
+
+    # ---- what a constant (majority-label) prediction scores, per seed ----
+    lines += ["", "## Label-prior baselines", "",
+              "Accuracy of predicting the majority label: the training set's on the global validation subset, "
+              "each client's own on its held-out slice (weighted), per seed (the partition depends on the seed).", "",
+              "| seed | global (validation subset) | personalised (clients' held-out slices) |", "|---|---|---|"]
+    for r in pick(main_runs, "default", "fedit"):
+        b = label_prior_baseline(r["run_dir"])
+        lines.append(f"| {r['seed']} | {b['global']:.4f} | {b['personal']:.4f} |")
 
     # ---- every run's per-round series ----
     keys = ["accuracy", "personal_accuracy", "agg_error_rel", "basis_overlap", "rotation_size"]

@@ -286,6 +286,10 @@ def _overview(settings: dict[str, list[dict[str, Any]]], out: Path, colors: dict
 
     labels = list(dict.fromkeys(r["label"] for runs in settings.values() for r in runs))
     names = list(settings)
+    axis = _sweep_axis(names)
+    if axis:  # numeric settings in numeric order (r-4, r-64, r-256), not in folder order
+        names = [n for _, n in sorted(zip(axis[1], names))]
+        axis = (axis[0], sorted(axis[1]))
     m = next(iter(settings.values()))[0]["metric"]
     lines = ["## Overview", "",
              f"Best {m} (max over rounds, mean ± std over seeds); in brackets, the best personalised {m} "
@@ -299,7 +303,6 @@ def _overview(settings: dict[str, list[dict[str, Any]]], out: Path, colors: dict
             cells.append(_cell(best, ".4f") + (f" [{_cell(pers, '.4f')}]" if pers else "") if mine else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
-    axis = _sweep_axis(names)
     if axis:
         key, values = axis
         order = sorted(range(len(names)), key=lambda i: values[i])
