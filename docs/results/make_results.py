@@ -125,13 +125,6 @@ def main() -> int:
         lines.append(f"| {name} | {len(runs)} | {ms([r['best'] for r in runs])} | {ms(d_best, '+.4f')} | "
                      f"{ms([r['final'] for r in runs])} | {ms([r['last5'] for r in runs])} | {ms(d_last, '+.4f')} | "
                      f"{ms([r['agg_error_rel'] for r in runs], '.3e')} |")
-    lam0 = pick(main_runs, "lam-0", "fedrot")
-    if lam0:
-        fedit11 = [r for r in scan[0][1] if r["seed"] == lam0[0]["seed"]]
-        same = fedit11 and lam0[0]["series"]["accuracy"] == fedit11[0]["series"]["accuracy"] \
-            and lam0[0]["series"]["agg_error_rel"] == fedit11[0]["series"]["agg_error_rel"]
-        lines += ["", f"Check: fedrot at λ = 0, seed {lam0[0]['seed']}, has {'the same' if same else 'NOT the same'} "
-                      "per-round accuracy and aggregation error as fedit, bit for bit."]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     xs = [lam for lam, runs in scan if runs]
     for ax, key, title in ((axes[0], "best", "best global accuracy"), (axes[1], "agg_error_rel", "mean rel. aggregation error")):

@@ -135,29 +135,42 @@ def run_grid(config: str | Path | None, cells: Sequence[Cell], overrides: Sequen
     ``<output>/logs/<setting>-<strategy>-seed-<s>.log``; ``finished(cell, summary, error)`` is called
     as each one ends. A failed cell does not stop the others; the first failure is raised at the end.
     """
-    from fedlora.sim.engine import build_strategy, run
+    from fedlora.sim.engine import build_strategy
 
     statuses = [cell_status(c.run_dir) for c in cells]
     configs = {c.run_dir: cell_config(config, c, overrides) for c, s in zip(cells, statuses) if s == "new"}
     for cfg in configs.values():  # a strategy option another strategy of the grid lacks fails here
         build_strategy(cfg)
-    if jobs > 1:
-        return _run_parallel(cells, statuses, configs, jobs, announce, finished)
     result = GridResult()
+    todo = _announce_and_skip(cells, statuses, announce, result)
+    if jobs > 1:
+        return _run_parallel(list(todo), configs, jobs, finished, result)
+    for _, cell, status in todo:  # lazily: each cell is announced just before it runs
+        run_cell(configs.get(cell.run_dir), cell.run_dir, progress)
+        (result.resumed if status == "resume" else result.ran).append(cell.run_dir)
+    return result
+
+
+def _announce_and_skip(cells: Sequence[Cell], statuses: Sequence[str], announce, result: GridResult):
+    """Yield (grid position, cell, status) for the cells still to run, calling ``announce`` for
+    every cell as it comes and recording the finished ones in ``result.skipped``."""
     for i, (cell, status) in enumerate(zip(cells, statuses)):
         if announce:
             announce(i, len(cells), cell, status)
         if status == "done":
             result.skipped.append(cell.run_dir)
-        elif status == "resume":
-            # the stored config, so a resumed cell continues exactly the run it started
-            cfg = load_config(cell.run_dir / "config.toml")
-            run(cfg, resume=cell.run_dir, progress=progress)
-            result.resumed.append(cell.run_dir)
         else:
-            run(configs[cell.run_dir], progress=progress)
-            result.ran.append(cell.run_dir)
-    return result
+            yield i, cell, status
+
+
+def run_cell(cfg: RunConfig | None, run_dir: Path, progress: bool | None = None) -> dict[str, Any]:
+    """Run one cell: a new one from ``cfg``; a started one (``cfg`` None) resumed with the config
+    stored in its directory, so it continues exactly the run it started. Returns the summary."""
+    from fedlora.sim.engine import run
+
+    if cfg is None:
+        return run(load_config(run_dir / "config.toml"), resume=run_dir, progress=progress)
+    return run(cfg, progress=progress)
 
 
 def cell_log(cell: Cell) -> Path:
@@ -175,18 +188,13 @@ def _run_cell(cfg: RunConfig | None, run_dir: Path, threads: int, log: Path) -> 
 
     import torch
 
-    from fedlora.sim.engine import run
-
     if threads > 0:
         torch.set_num_threads(threads)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", buffering=1) as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         os.environ["COLUMNS"] = "200"  # rich wraps at this width when writing to a file
         try:
-            if cfg is None:
-                run(load_config(run_dir / "config.toml"), resume=run_dir, progress=False)
-            else:
-                run(cfg, progress=False)
+            run_cell(cfg, run_dir, progress=False)
         except KeyboardInterrupt:  # the run kept its complete rounds and wrote its summary
             sys.exit(130)
         except BaseException:  # noqa: BLE001 — the traceback goes to the cell's log
@@ -202,8 +210,8 @@ def _last_line(path: Path) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def _run_parallel(cells: Sequence[Cell], statuses: Sequence[str], configs: dict[Path, RunConfig], jobs: int,
-                  announce, finished) -> GridResult:
+def _run_parallel(todo: Sequence[tuple[int, Cell, str]], configs: dict[Path, RunConfig], jobs: int, finished,
+                  result: GridResult) -> GridResult:
     """Up to ``jobs`` cells at once, one spawned process each (spawn, not fork: torch's thread pools
     do not survive a fork). Ctrl-C: no new cell starts; the running ones are interrupted, keep their
     complete rounds (resumable), and the interrupt is re-raised once they have exited."""
@@ -215,21 +223,12 @@ def _run_parallel(cells: Sequence[Cell], statuses: Sequence[str], configs: dict[
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = multiprocessing.get_context("spawn")
-    result = GridResult()
     errors: list[tuple[int, Cell, str]] = []  # (grid position, cell, why)
-    order = {c.run_dir: i for i, c in enumerate(cells)}
-    pending = deque()
-    for i, (cell, status) in enumerate(zip(cells, statuses)):
-        if announce:
-            announce(i, len(cells), cell, status)
-        if status == "done":
-            result.skipped.append(cell.run_dir)
-        else:
-            pending.append((cell, status, configs.get(cell.run_dir)))
+    pending = deque(todo)
     running: dict = {}
 
     def reap(proc) -> None:
-        cell, status = running.pop(proc)
+        i, cell, status = running.pop(proc)
         proc.join()
         if proc.exitcode == 0:
             (result.resumed if status == "resume" else result.ran).append(cell.run_dir)
@@ -237,19 +236,20 @@ def _run_parallel(cells: Sequence[Cell], statuses: Sequence[str], configs: dict[
                 finished(cell, json.loads((cell.run_dir / "summary.json").read_text()), None)
         else:
             why = _last_line(cell_log(cell)) or f"exit code {proc.exitcode}"
-            errors.append((order[cell.run_dir], cell, why))
+            errors.append((i, cell, why))
             if finished:
                 finished(cell, None, FedLoRAError(why))
 
     try:
         while pending or running:
             while pending and len(running) < jobs:
-                cell, status, cfg = pending.popleft()
+                i, cell, status = pending.popleft()
+                cfg = configs.get(cell.run_dir)
                 # a config that sets model.threads keeps it; otherwise the cores are shared among the jobs
                 n = 0 if cfg is not None and cfg.model.threads > 0 else threads
                 proc = ctx.Process(target=_run_cell, args=(cfg, cell.run_dir, n, cell_log(cell)), daemon=False)
                 proc.start()
-                running[proc] = (cell, status)
+                running[proc] = (i, cell, status)
             for sentinel in wait([p.sentinel for p in running]):
                 reap(next(p for p in running if p.sentinel == sentinel))
     except KeyboardInterrupt:

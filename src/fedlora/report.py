@@ -212,11 +212,10 @@ def run_label(run_dir: Path, strategy: str, setting: str) -> str:
     """The strategy's name, plus the strategy options its config sets that the setting's name does
     not already say: ``fedsa[rslora=true]`` beside ``fedsa`` in one table, but ``fedrot`` (not
     ``fedrot[lam=0.2]``) under the setting ``lam-0.2``."""
+    from fedlora.config import load_config
     from fedlora.experiments import _slug
 
     try:
-        from fedlora.config import load_config
-
         options = load_config(run_dir / "config.toml").strategy.options
     except Exception:  # a run without a readable config keeps its plain name
         return strategy
@@ -304,14 +303,13 @@ def _overview(settings: dict[str, list[dict[str, Any]]], out: Path, colors: dict
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     if axis:
-        key, values = axis
-        order = sorted(range(len(names)), key=lambda i: values[i])
+        key, values = axis  # in the same (numeric) order as names
         has_personal = any(r["personal_best"] is not None for runs in settings.values() for r in runs)
         fig, axes = plt.subplots(1, 2 if has_personal else 1, figsize=(11 if has_personal else 6, 4), squeeze=False)
         for ax, field, title in zip(axes[0], ("best", "personal_best"), (f"best global {m}", f"best personalised {m}")):
             for label in labels:
-                pts = [(values[i], _mean_std([r[field] for r in settings[names[i]] if r["label"] == label]))
-                       for i in order]
+                pts = [(x, _mean_std([r[field] for r in settings[name] if r["label"] == label]))
+                       for x, name in zip(values, names)]
                 pts = [(x, st) for x, st in pts if st]
                 if pts:
                     ax.errorbar([x for x, _ in pts], [st[0] for _, st in pts], yerr=[st[1] for _, st in pts],
@@ -319,7 +317,7 @@ def _overview(settings: dict[str, list[dict[str, Any]]], out: Path, colors: dict
             ax.set(xlabel=key, title=f"{title} (mean ± std over seeds)")
             if min(values) > 0 and max(values) / min(values) >= 8:
                 ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted(values), [f"{v:g}" for v in sorted(values)])
+            ax.set_xticks(values, [f"{v:g}" for v in values])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
