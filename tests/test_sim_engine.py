@@ -244,6 +244,32 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tiny, tmp_path):
     assert [json.loads(line)["round"] for line in open(run_dir / "metrics.jsonl")] == list(range(done + 1))
 
 
+def test_ctrl_c_between_the_metrics_row_and_the_checkpoint_keeps_them_in_step(tiny, tmp_path, monkeypatch):
+    """The window CI once hit: SIGINT after round 2's metrics row is on disk but before its checkpoint.
+    The interrupt waits until the checkpoint is written, so summary, metrics and checkpoint agree."""
+    import os
+    import signal
+
+    from fedlora.sim.rundir import RunDir
+
+    save = RunDir.save_checkpoint
+
+    def save_after_a_sigint(self, state, *args):
+        if state.round == 2:  # the checkpoint after round index 1
+            os.kill(os.getpid(), signal.SIGINT)
+        save(self, state, *args)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", save_after_a_sigint)
+    cfg = cfg_for(tiny, "sigint-window", train__rounds=5, run__dir=f'"{tmp_path / "run"}"')
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, log=lambda s: None)
+    d = RunDir.open(tmp_path / "run")
+    summary = json.load(open(d.path / "summary.json"))
+    assert summary["status"] == "interrupted" and summary["rounds_completed"] == 2
+    assert [r["round"] for r in d.read_metrics()] == [0, 1]
+    assert d.load_checkpoint()["round"] == 2
+
+
 def test_report_table_and_plot(tiny, tmp_path, capsys):
     from fedlora.report import compare_runs, plot_runs, print_comparison
 

@@ -240,7 +240,7 @@ class FlowerServer:
         """Run ``cfg.train.rounds`` rounds on the nodes of ``grid``; returns the summary."""
         from fedlora.sim.engine import (aggregate_round, evaluate_if_due, finish, metrics_row, prepare, round_line,
                                         sample_clients)
-        from fedlora.sim.rundir import RunDir
+        from fedlora.sim.rundir import RunDir, sigint_deferred
 
         t_start = time.perf_counter()
         cfg = self.cfg
@@ -295,8 +295,8 @@ class FlowerServer:
             row = metrics_row(t, sampled, failed, {g[0]: (g[3], g[1].num_samples) for g in good}, evaluation, diag,
                               comm, t0=t0, train_s=t_train, eval_s=t_eval,
                               bytes_up_sent=sum(g[4] for g in good), bytes_down_sent=sum(sent[g[0]] for g in good))
-            rundir.append_metrics(row)
-            rundir.save_checkpoint(state, {}, fed.shared.base_merged, {"seed": seed})
+            with sigint_deferred():
+                rundir.commit_round(row, state, {}, fed.shared.base_merged, {"seed": seed})
             self.rows.append(row)
             self.log(round_line(row, cfg.train.rounds).replace("[red]", "").replace("[/]", ""))
         self.state = state

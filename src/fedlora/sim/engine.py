@@ -31,7 +31,7 @@ from fedlora.errors import ConfigError, FedLoRAError
 from fedlora.factors import Adapter
 from fedlora.sim import client as client_mod
 from fedlora.sim.model import SharedModel, autocast_for, load_tokenizer, pick_device, target_modules_for
-from fedlora.sim.rundir import RunDir
+from fedlora.sim.rundir import RunDir, sigint_deferred
 from fedlora.sim.tasks import Encoded, Task, get_task
 from fedlora.strategies import ClientContext, ClientUpdate, GlobalState, Strategy, get_strategy
 
@@ -432,9 +432,9 @@ def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progr
                 evaluation, t_eval = evaluate_if_due(fed, state, personal, t, status=display.status)
                 row = metrics_row(t, sampled, failed, {k: (loss, len(fed.client_train[k])) for k, loss in losses.items()},
                                   evaluation, diag, comm, t0=t0, train_s=t_train, eval_s=t_eval)
-                rundir.append_metrics(row)
-                rundir.save_checkpoint(state, personal, shared.base_merged, checkpoint_extra(fed))
-                complete = (state, dict(shared.base_merged))
+                with sigint_deferred():  # a Ctrl-C here lands after the row, the checkpoint and `complete` agree
+                    rundir.commit_round(row, state, personal, shared.base_merged, checkpoint_extra(fed))
+                    complete = (state, dict(shared.base_merged))
                 display.round_done(round_line(row, cfg.train.rounds))
     except KeyboardInterrupt:
         status = "interrupted"

@@ -22,10 +22,13 @@ the previous complete version of each file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,25 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold SIGINT back for the block, then raise KeyboardInterrupt after it if one came. Only the
+    main thread can install a handler; elsewhere (e.g. a Flower ServerApp thread) the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(*caught[0])  # Python's default handler raises KeyboardInterrupt
+    elif caught and previous != signal.SIG_IGN:
+        raise KeyboardInterrupt
 
 
 def _json_safe(value: Any) -> Any:
@@ -148,6 +170,14 @@ class RunDir:
         rows = [r for r in self.read_metrics() if r["round"] < round_index]
         atomic_write(self.metrics_path, "".join(dumps(r) + "\n" for r in rows))
         return rows
+
+    # ---- one completed round -----------------------------------------------------------------------
+    def commit_round(self, row: Mapping[str, Any], state: GlobalState, personal: Mapping[Any, Adapter | None],
+                     base_merged: Mapping[str, Tensor], extra: Mapping[str, Any]) -> None:
+        """Write a round's metrics row, then its checkpoint. Call it inside :func:`sigint_deferred`
+        so that a Ctrl-C cannot leave metrics.jsonl a row ahead of the checkpoint."""
+        self.append_metrics(row)
+        self.save_checkpoint(state, personal, base_merged, extra)
 
     # ---- checkpoint -----------------------------------------------------------------------------------
     def save_checkpoint(self, state: GlobalState, personal: Mapping[Any, Adapter | None],
