@@ -3,7 +3,7 @@
     python docs/results/make_results.py          # after run-grid.sh; reads runs/, writes docs/results/
 
 Writes ``derived.md`` (the λ scan with fedit as λ = 0, the aggregation-error ratios, the random
-rotation, the rank study's collapse check), ``lambda.png``, ``agg-error.png`` and ``runs.csv`` (every
+rotation, the rank study at two client lrs), ``lambda.png``, ``agg-error.png``, ``rank-lr.png`` and ``runs.csv`` (every
 run's per-round series, so any table here can be recomputed without the run directories). Everything
 is read through :func:`fedlora.report.run_stats`, the numbers ``fedlora report`` prints.
 """
@@ -26,7 +26,11 @@ from fedlora.report import run_stats
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE.parents[1] / "runs"
-MAIN, RANK, RANK_RS = RUNS / "cpu-fedrot-vs-fedit", RUNS / "cpu-sfed-rank", RUNS / "cpu-sfed-rank-rslora"
+MAIN = RUNS / "cpu-fedrot-vs-fedit"
+# the rank study's grids per client lr: (lr, folder of sfed and fedsa, folder of fedsa with rsLoRA scaling)
+RANK_GRIDS = [(5e-3, "cpu-sfed-rank", "cpu-sfed-rank-rslora"),
+              (5e-4, "cpu-sfed-rank-lr5e-4", "cpu-sfed-rank-rslora-lr5e-4")]
+RANKS = (4, 64, 256)
 
 
 def load(root: Path) -> list[dict]:
@@ -72,7 +76,8 @@ def ms(vals, spec=".4f"):
 
 
 def main() -> int:
-    main_runs, rank_runs = load(MAIN), load(RANK) + load(RANK_RS)
+    main_runs = load(MAIN)
+    rank_runs = [r for _, plain, rs in RANK_GRIDS for r in load(RUNS / plain) + load(RUNS / rs)]
     lines = ["# Derived tables (docs/results/make_results.py)", ""]
 
     # ---- comparison 2a: the accuracy ordering, and each strategy's paired difference to fedit ----
@@ -173,23 +178,66 @@ def main() -> int:
     fig.savefig(HERE / "agg-error.png", dpi=120)
     plt.close(fig)
 
-    # ---- comparison 3: the rank study, per r: did a run learn at all? ----
+    # ---- comparison 3: the rank study, per client lr and r: did a run learn at all? ----
     if rank_runs:
-        lines += ["", "## Comparison 3: accuracy by rank", "",
+        lines += ["", "## Comparison 3: accuracy by rank and client lr", "",
                   "Per rank: best personalised accuracy (weighted; max over rounds), and in brackets the mean "
-                  "of its last 5 rounds; mean ± std over the seeds run (n). The server never sees B in these "
-                  "methods, so there is no aggregation error or global ΔW to report.", "",
-                  "| strategy | γ at r = 4 / 64 / 256 | r = 4 | r = 64 | r = 256 |", "|---|---|---|---|---|"]
-        for label, grid, strategy, gamma in (
-                ("sfed", "cpu-sfed-rank", "sfed", lambda r: 8 * (10 / r) ** 0.5),
-                ("fedsa", "cpu-sfed-rank", "fedsa", lambda r: 8 / r),
-                ("fedsa[rslora]", "cpu-sfed-rank-rslora", "fedsa", lambda r: 8 / r ** 0.5)):
-            cells = []
-            for r in (4, 64, 256):
-                runs = [x for x in rank_runs if x["grid"] == grid and x["strategy"] == strategy and x["setting"] == f"r-{r}"]
-                last5 = [np.mean([v for _, v in x["series"]["personal_accuracy"][-5:]]) for x in runs]
-                cells.append(f"{ms([x['personal_best'] for x in runs])} [{ms(last5)}] (n={len(runs)})")
-            lines.append(f"| {label} | {' / '.join(f'{gamma(r):.3g}' for r in (4, 64, 256))} | " + " | ".join(cells) + " |")
+                  "of its last 5 rounds; Δprior is best minus the seed's personalised label prior (each client "
+                  "predicting its majority label); mean ± std over the seeds run (n). γ·lr·√r is the size of one "
+                  "AdamW step on ΔW = γ·B·A: Adam moves each of B's r columns by about lr whatever γ is, so the "
+                  "step grows as γ·lr, and as √r over r independent columns. The server never sees B in "
+                  "these methods, so there is no aggregation error or global ΔW to report.", "",
+                  "| strategy | lr | γ·lr·√r at r = 4 / 64 / 256 | r = 4 | r = 64 | r = 256 |", "|---|---|---|---|---|---|"]
+        priors: dict[int, float] = {}  # the partition, hence the label prior, depends on the seed only
+
+        def prior_of(run) -> float:
+            if run["seed"] not in priors:
+                priors[run["seed"]] = label_prior_baseline(run["run_dir"])["personal"]
+            return priors[run["seed"]]
+
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
+        for (lr, plain, rs), style in zip(RANK_GRIDS, ("-", "--")):
+            for label, grid, strategy, gamma, color in (
+                    ("sfed", plain, "sfed", lambda r: 8 * (10 / r) ** 0.5, "C0"),
+                    ("fedsa", plain, "fedsa", lambda r: 8 / r, "C1"),
+                    ("fedsa[rslora]", rs, "fedsa", lambda r: 8 / r ** 0.5, "C2")):
+                by_r = {r: [x for x in rank_runs if x["grid"] == grid and x["strategy"] == strategy
+                            and x["setting"] == f"r-{r}"] for r in RANKS}
+                if not any(by_r.values()):
+                    continue
+                cells = []
+                for r, runs in by_r.items():
+                    last5 = [np.mean([v for _, v in x["series"]["personal_accuracy"][-5:]]) for x in runs]
+                    above = [x["personal_best"] - prior_of(x) for x in runs]
+                    cells.append(f"{ms([x['personal_best'] for x in runs])} [{ms(last5)}] "
+                                 f"Δprior {ms(above, '+.3f')} (n={len(runs)})")
+                lines.append(f"| {label} | {lr:g} | {' / '.join(f'{gamma(r) * lr * r ** 0.5:.2g}' for r in RANKS)} | "
+                             + " | ".join(cells) + " |")
+                done = [r for r in RANKS if by_r[r]]
+                gain = [np.mean([x["personal_best"] - prior_of(x) for x in by_r[r]]) for r in done]
+                ax.plot(done, gain, style, marker="o", color=color, label=f"{label}, lr {lr:g}")
+                bx.scatter([gamma(r) * lr * r ** 0.5 for r in done], gain, color=color, marker="o" if style == "-" else "s",
+                           facecolors="none" if style == "--" else color, label=f"{label}, lr {lr:g}")
+        seeds = sorted({x["seed"] for x in rank_runs})
+        ax.axhline(0, color="gray", lw=0.8, ls=":", label="each client predicts its majority label")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(RANKS, [str(r) for r in RANKS])
+        ax.set_xlabel("LoRA rank r")
+        ax.set_ylabel("best personalised accuracy − label prior")
+        ax.set_title(f"Rank study, MiniLM + sarcasm, N = 10\nmean over the seeds run at each point "
+                     f"({', '.join(map(str, seeds))}; n in derived.md)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+        bx.axhline(0, color="gray", lw=0.8, ls=":")
+        bx.set_xscale("log")
+        bx.set_xlabel("γ·lr·√r: the size of one AdamW step on ΔW = γ·B·A")
+        bx.set_ylabel("best personalised accuracy − label prior")
+        bx.set_title("The same points against the step size γ·lr·√r (r = 4, 64, 256)", fontsize=10)
+        bx.grid(alpha=0.3)
+        bx.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(HERE / "rank-lr.png", dpi=120)
+        plt.close(fig)
 
     # ---- what a constant (majority-label) prediction scores, per seed ----
     lines += ["", "## Label-prior baselines", "",
