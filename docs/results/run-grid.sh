@@ -27,8 +27,8 @@ cells() {
     echo "$R --strategies fedsa --seeds $seed --grid lora.r=$r --set strategy.options.rslora=true --output-dir runs/cpu-sfed-rank-rslora"
   done; done
   # comparison 3 again at a tenth of the lr (5e-4): with AdamW, γ·lr is the step on ΔW, so the first
-  # rank study cannot tell a scaling that destabilises from one that merely steps too far. Seed 11 at
-  # every rank, then seeds 12 and 13 at the two ends: LR_SEEDS="12 13" LR_RANKS="256 4" bash run-grid.sh
+  # rank study cannot tell a scaling that destabilises from one that merely steps too far. Seed 11 first,
+  # then seeds 12 and 13 (LR_SEEDS="12 13" bash run-grid.sh; LR_RANKS="256 4" picks ranks)
   for seed in ${LR_SEEDS:-11}; do for r in ${LR_RANKS:-256 64 4}; do
     echo "$R --strategies sfed,fedsa --seeds $seed --grid lora.r=$r --set train.lr=5e-4 --output-dir runs/cpu-sfed-rank-lr5e-4"
     echo "$R --strategies fedsa --seeds $seed --grid lora.r=$r --set strategy.options.rslora=true --set train.lr=5e-4 --output-dir runs/cpu-sfed-rank-rslora-lr5e-4"
