@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedlora.sim.rundir import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -99,10 +101,7 @@ def main() -> int:
         "speedup_median": statistics.median(seq) / statistics.median(par),
         "speedup_min": min(seq) / min(par), "max_best_accuracy_difference": max_diff,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = Path(args.out).with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    atomic_write(Path(args.out), json.dumps(result, indent=2) + "\n")
 
     print(f"\n{cells} cells ({args.model} + {args.data}, {args.clients} clients, {args.rounds} rounds × "
           f"{args.steps} steps) on {os.cpu_count()} CPUs\n")

@@ -207,8 +207,9 @@ def main() -> None:
         result["overhead"] = overhead(args)
     if not args.skip_memory:
         result["memory"] = memory(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    from fedlora.sim.rundir import atomic_write
+
+    atomic_write(Path(args.out), json.dumps(result, indent=2) + "\n")
 
     console = Console()
     o = result.get("overhead")

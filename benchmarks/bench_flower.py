@@ -138,11 +138,9 @@ def main() -> None:
     info = {"model": args.model or "tiny random BERT (2 layers, hidden 64)", "clients": args.clients,
             "rounds": args.rounds, "local_steps": args.local_steps, "strategy": args.strategy,
             "cpus": os.cpu_count(), "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, out)
+    from fedlora.sim.rundir import atomic_write
+
+    atomic_write(Path(args.out), json.dumps(info, indent=2))
     print(f"\n{info['model']}, {args.clients} clients, {args.rounds} rounds × {args.local_steps} local steps, "
           f"{args.strategy}, {os.cpu_count()} CPUs\n")
     print(f"{'mode':<15}{'total s':>9}{'round s (mean)':>16}{'rounds s':>24}{'peak RSS MB':>13}{'acc':>7}")
@@ -152,7 +150,7 @@ def main() -> None:
         acc = f"{r['final_accuracy']:.3f}" if r["final_accuracy"] is not None else "-"
         print(f"{r['mode']:<15}{r['wall_s']:>9.1f}{mean:>16}{rs:>24}{r['peak_rss_mb']:>13.0f}{acc:>7}"
               + ("" if r["rc"] == 0 else f"  (exit {r['rc']}; see {r['log']})"))
-    print(f"\nwritten: {out}")
+    print(f"\nwritten: {args.out}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import platform
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +43,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fedlora.diagnostics import round_diagnostics  # noqa: E402
+from fedlora.sim.rundir import atomic_write  # noqa: E402
 from fedlora.factors import Adapter, LoRAPair, factored_aggregate  # noqa: E402
 from fedlora.strategies import ClientContext, ClientUpdate, get_strategy, strategy_names  # noqa: E402
 
@@ -264,20 +264,6 @@ class Run:
         return res | {"layers": self.cfg["layers"], "d": self.cfg["d"], "r": r, "N": n}
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def fmt_s(row: dict, key: str = "median_s") -> str:
     if "error" in row:
         return "error"
@@ -389,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "fedrot_client_alignment": run.align,
         "factored_vs_dense": run.dense,
     }
-    write_json_atomic(args.out, out)
+    atomic_write(Path(args.out), json.dumps(out, indent=1) + "\n")
     report(console, out)
     console.print(f"wrote {args.out} ({out['meta']['wall_s']} s)")
     return 0

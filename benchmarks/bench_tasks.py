@@ -144,17 +144,15 @@ def main() -> None:
                        "warmup": args.warmup, "steps": args.steps, "machine": platform.processor() or platform.machine(),
                        "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "torch": torch.__version__,
                        "transformers": transformers.__version__, "total_s": time.perf_counter() - t0}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    from fedlora.sim.rundir import atomic_write
+
+    atomic_write(Path(args.out), json.dumps(result, indent=2) + "\n")
     print(f"\n| precision | batch × seq | bare s/step | fedlora s/step | ratio | bare peak RSS | fedlora peak RSS |")
     print("|---|---|---|---|---|---|---|")
     for p in pairs:
         print(f"| {p['dtype']} | {p['batch']} × {p['seq']} | {p['bare_s']:.2f} | {p['fedlora_s']:.2f} | "
               f"{p['ratio']:.2f} | {p['bare_peak_rss_mib']:.0f} MiB | {p['fedlora_peak_rss_mib']:.0f} MiB |")
-    print(f"\nwrote {out} ({result['meta']['total_s']:.0f} s; load average {os.getloadavg()[0]:.1f})")
+    print(f"\nwrote {args.out} ({result['meta']['total_s']:.0f} s; load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":
