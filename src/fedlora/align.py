@@ -10,40 +10,46 @@ dtype, and lie in SO(r): the determinant is fixed to +1.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from fedlora.errors import ConfigError
-from fedlora.factors import LoRAPair
+from fedlora.errors import AggregationInputError, ConfigError
+from fedlora.factors import LoRAPair, svd
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _nearest_special_orthogonal(M: Tensor) -> Tensor:
+def _nearest_special_orthogonal(M: Tensor, what: str) -> Tensor:
     """argmax_{R ∈ SO(r)} tr(Rᵀ M): with M = U Σ Vᵀ, R = U·diag(1, …, 1, det(U Vᵀ))·Vᵀ.
 
     The same formula is the polar projection of M onto SO(r) (nearest rotation in Frobenius norm).
     Works on a batch (…, r, r): one batched SVD and determinant for all layers.
     """
-    U, _, Vh = torch.linalg.svd(M)
+    if M.dim() < 2 or M.shape[-1] != M.shape[-2]:
+        raise AggregationInputError(f"{what}: the cross matrix must be r×r (or a batch of them), got {tuple(M.shape)}")
+    U, _, Vh = svd(M, what)
     sign = torch.where(torch.linalg.det(U @ Vh) < 0, -1.0, 1.0).to(M.dtype)
     # flip the direction of the smallest singular value (the last row of Vᵀ) where det < 0
     Vh = torch.cat([Vh[..., :-1, :], Vh[..., -1:, :] * sign[..., None, None]], dim=-2)
     return U @ Vh
 
 
-def procrustes(M: Tensor) -> Tensor:
+def procrustes(M: Tensor, what: str = "procrustes") -> Tensor:
     """The rotation R* ∈ SO(r) that maximises tr(Rᵀ M) for the r×r cross matrix M (or a batch of them).
 
     - Aligning A (min ‖Rᵀ A − A_ref‖_F): M = A·A_refᵀ.
     - Aligning B (min ‖B R − B_ref‖_F): M = Bᵀ·B_ref.
+
+    A non-square or non-finite M raises AggregationInputError naming ``what`` (e.g. the layers).
     """
-    return _nearest_special_orthogonal(M.to(_work_dtype(M)))
+    return _nearest_special_orthogonal(M.to(_work_dtype(M)), what)
 
 
-def soft_rotation(R_star: Tensor, lam: float) -> Tensor:
+def soft_rotation(R_star: Tensor, lam: float, what: str = "soft_rotation") -> Tensor:
     """FedRot's soft rotation: R' = (1 − λ)·I + λ·R*, projected to the nearest rotation.
 
     λ = 0 returns the identity exactly (plain FedIT); λ = 1 returns R* (hard Procrustes).
@@ -55,16 +61,19 @@ def soft_rotation(R_star: Tensor, lam: float) -> Tensor:
         return eye.expand_as(R_star).clone()
     if lam == 1:
         return R_star
-    return _nearest_special_orthogonal((1 - lam) * eye + lam * R_star)
+    return _nearest_special_orthogonal((1 - lam) * eye + lam * R_star, what)
 
 
 def check_lambda(lam: float) -> None:
-    if not (0.0 <= float(lam) <= 1.0):
-        raise ConfigError(f"fedrot strength lambda={lam} is outside [0, 1]")
+    """Raise ConfigError unless ``lam`` is a number in [0, 1]."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
+        raise ConfigError(f"fedrot strength lambda={lam!r} is outside [0, 1] (or not a number)")
 
 
 def haar_rotation(r: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """A Haar-random rotation in SO(r): QR of a Gaussian matrix with the sign fix, then det fix."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(f"a rotation needs a rank r ≥ 1, got {r!r}")
     G = torch.randn(r, r, generator=generator, dtype=torch.float64)
     Q, R = torch.linalg.qr(G)
     Q = Q * torch.sign(torch.diagonal(R))  # makes the distribution Haar on O(r)
@@ -73,22 +82,29 @@ def haar_rotation(r: int, generator: torch.Generator | None = None, dtype: torch
     return Q.to(dtype)
 
 
-def alignment_rotation(pair: LoRAPair, ref: LoRAPair, factor: str, lam: float = 1.0) -> Tensor:
+def alignment_rotation(pair: LoRAPair, ref: LoRAPair, factor: str, lam: float = 1.0,
+                       what: str = "alignment_rotation") -> Tensor:
     """The (soft) rotation that aligns ``factor`` ("A" or "B") of ``pair`` to ``ref``.
 
     The factors may carry leading batch dimensions (A: …×r×d_in, B: …×d_out×r): one rotation per
-    batch entry, computed with batched linear algebra.
+    batch entry, computed with batched linear algebra. Factors that do not match their reference
+    in shape, or that are not finite, raise AggregationInputError naming ``what`` (e.g. the layers).
     """
+    Q, Q_ref = _aligned(pair, ref, factor, what)
     dt = _work_dtype(pair.A)
-    if factor == "A":
-        M = pair.A.to(dt) @ ref.A.to(dt).mT
-    elif factor == "B":
-        M = pair.B.to(dt).mT @ ref.B.to(dt)
-    else:
+    M = Q.to(dt) @ Q_ref.to(dt).mT if factor == "A" else Q.to(dt).mT @ Q_ref.to(dt)
+    return soft_rotation(procrustes(M, what), lam, what)
+
+
+def _aligned(pair: LoRAPair, ref: LoRAPair, factor: str, what: str) -> tuple[Tensor, Tensor]:
+    """The factor to align and its reference, after checking that they have one shape."""
+    if factor not in ("A", "B"):
         raise ConfigError(f"aligned factor must be 'A' or 'B', got {factor!r}")
-    if M.shape[-1] != M.shape[-2]:
-        raise ConfigError(f"cannot align rank {pair.A.shape[-2]} factors to a rank {ref.A.shape[-2]} reference")
-    return soft_rotation(procrustes(M), lam)
+    Q, Q_ref = getattr(pair, factor), getattr(ref, factor)
+    if Q.shape != Q_ref.shape:
+        raise AggregationInputError(f"{what}: factor {factor} of shape {tuple(Q.shape)} cannot be aligned to a "
+                                    f"reference of shape {tuple(Q_ref.shape)}")
+    return Q, Q_ref
 
 
 def rotate(pair: LoRAPair, R: Tensor) -> LoRAPair:
@@ -97,23 +113,27 @@ def rotate(pair: LoRAPair, R: Tensor) -> LoRAPair:
     The multiplication happens in the rotation's dtype (≥ float32); the result is cast back to the
     factors' dtype.
     """
+    r = pair.A.shape[-2]
+    if R.shape[-2:] != (r, r):
+        raise AggregationInputError(f"rotate: a rotation of shape {tuple(R.shape)} cannot re-gauge rank {r} factors")
     dt = R.dtype
     return LoRAPair((R.mT @ pair.A.to(dt)).to(pair.A.dtype), (pair.B.to(dt) @ R).to(pair.B.dtype))
 
 
-def scalar_gauge(pair: LoRAPair, ref: LoRAPair, factor: str) -> tuple[LoRAPair, float]:
+def scalar_gauge(pair: LoRAPair, ref: LoRAPair, factor: str, what: str = "scalar_gauge") -> tuple[LoRAPair, float]:
     """The scalar-gauge ablation: c* = ⟨Q, Q_ref⟩ / ‖Q‖² for Q the aligned factor.
 
     Aligning A gives (B/c, c·A); aligning B gives (c·B, A/c). A vanishing c (no overlap with the
-    reference) leaves the pair unchanged, since the gauge would not be invertible.
+    reference) leaves the pair unchanged, since the gauge would not be invertible. Mismatched
+    shapes or a non-finite c raise AggregationInputError naming ``what``.
     """
-    if factor not in ("A", "B"):
-        raise ConfigError(f"aligned factor must be 'A' or 'B', got {factor!r}")
+    Q, Q_ref = _aligned(pair, ref, factor, what)
     dt = _work_dtype(pair.A)
-    Q = (pair.A if factor == "A" else pair.B).to(dt)
-    Q_ref = (ref.A if factor == "A" else ref.B).to(dt)
+    Q, Q_ref = Q.to(dt), Q_ref.to(dt)
     denom = (Q * Q).sum()
     c = float((Q * Q_ref).sum() / denom) if denom > 0 else 0.0
+    if not math.isfinite(c):
+        raise AggregationInputError(f"{what}: the scalar gauge is {c} (NaN or Inf in the factors)")
     if abs(c) < 1e-12:
         return pair, 1.0
     A, B = pair.A.to(dt), pair.B.to(dt)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fedlora.errors import AggregationInputError
 from fedlora.factors import Adapter, LoRAPair, check_uploads, normalize_weights, product_gram
-from fedlora.strategies.base import ClientContext, ClientUpdate, GlobalState, Strategy
+from fedlora.strategies.base import ClientContext, ClientUpdate, GlobalState, Strategy, check_round, check_scaling
 
 
 @dataclass
@@ -117,18 +117,27 @@ def _subspace_overlap(Qk: Tensor, Qg: Tensor) -> float:
     return min(1.0, max(0.0, float(torch.linalg.matrix_norm(Qk.T @ Qg)) / math.sqrt(r)))
 
 
-def _check_layers(adapters: Sequence[Adapter], ids: Sequence[object], new_state: GlobalState) -> None:
-    check_uploads(list(adapters) + [new_state.adapter], list(ids) + ["global"], same_ranks=False,
-                  check_extras=False)
-    if new_state.base_delta is None:
-        return
-    for name, pair in new_state.base_delta.items():
+def _check_inputs(updates: Sequence[ClientUpdate], weights: Sequence[float] | Tensor, new_state: GlobalState) -> Tensor:
+    """Everything :func:`round_diagnostics` reads, checked as the strategies check a round (names the
+    client, layer or value); returns the normalised weights."""
+    check_round(updates, max(new_state.round - 1, 0))  # the round that produced new_state
+    check_scaling(new_state.scaling, "the new global state")
+    # the new global adapter goes last: the clients' layers and shapes are compared among themselves
+    check_uploads([u.adapter for u in updates] + [new_state.adapter], [u.client_id for u in updates] + ["global"],
+                  same_ranks=False, check_extras=False)
+    for name, pair in (new_state.base_delta or {}).items():
         if name not in new_state.adapter.layers:
             raise AggregationInputError(f"base_delta layer {name!r} is not a layer of the global adapter")
         if pair.shape != new_state.adapter.layers[name].shape or pair.A.shape[0] != pair.B.shape[1]:
             raise AggregationInputError(
                 f"base_delta layer {name!r}: factors A{tuple(pair.A.shape)} B{tuple(pair.B.shape)} do not "
                 f"make the layer's {new_state.adapter.layers[name].shape} update")
+        if not (torch.isfinite(pair.A).all() and torch.isfinite(pair.B).all()):
+            raise AggregationInputError(f"base_delta layer {name!r}: contains NaN or Inf")
+    n_weights = torch.as_tensor(weights).numel() if isinstance(weights, Tensor) else len(weights)
+    if n_weights != len(updates):
+        raise AggregationInputError(f"{n_weights} weights for {len(updates)} client updates")
+    return normalize_weights(weights, [u.client_id for u in updates])
 
 
 def round_diagnostics(updates: Sequence[ClientUpdate], weights: Sequence[float] | Tensor,
@@ -147,14 +156,11 @@ def round_diagnostics(updates: Sequence[ClientUpdate], weights: Sequence[float] 
             formula and the flag is recorded with it.
 
     Ranks may differ between clients and from the global rank. Raises AggregationInputError naming
-    the client or layer for mismatched layers or shapes, NaN/Inf, or bad weights.
+    the client, layer or value for mismatched layers or shapes, NaN/Inf, a client id twice, or a
+    weight, sample count or scaling that is not positive and finite.
     """
-    ids = [u.client_id for u in updates]
+    p = _check_inputs(updates, weights, new_state)
     adapters = [u.adapter for u in updates]
-    _check_layers(adapters, ids, new_state)
-    if len(weights) != len(updates):
-        raise AggregationInputError(f"{len(weights)} weights for {len(updates)} client updates")
-    p = normalize_weights(weights, ids)
     n = len(updates)
     scal = torch.tensor([float(u.scaling) for u in updates], dtype=torch.float64)
     s_g = float(new_state.scaling)
@@ -238,7 +244,11 @@ def rotation_sizes(updates: Sequence[ClientUpdate]) -> list[float]:
         if not isinstance(reported, Mapping):
             raise AggregationInputError(
                 f"client {u.client_id}: info['rotation_size'] must map layer → ‖R − I‖_F, got {type(reported).__name__}")
-        sizes += [float(v) for v in reported.values()]
+        try:
+            sizes += [float(v) for v in reported.values()]
+        except (TypeError, ValueError) as e:
+            raise AggregationInputError(f"client {u.client_id}: info['rotation_size'] holds a value that is not a "
+                                        f"number ({e})") from e
     return sizes
 
 

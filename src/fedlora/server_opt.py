@@ -7,13 +7,15 @@ FedIT and FedRot-LoRA under this FedAdam server.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from fedlora.errors import ConfigError
+from fedlora.errors import AggregationInputError, ConfigError
 
 
 @dataclass
@@ -35,6 +37,10 @@ class ServerAdam:
     tau: float = 1e-3
 
     def __post_init__(self):
+        for name in ("lr", "beta1", "beta2", "tau"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ConfigError(f"server optimiser {name}={value!r} must be a finite number")
         if not self.lr > 0:
             raise ConfigError(f"server optimiser lr={self.lr} must be positive")
         for name in ("beta1", "beta2"):
@@ -51,6 +57,9 @@ class ServerAdam:
         """
         new, moments = {}, {}
         for key, x in prev.items():
+            if key not in target or target[key].shape != x.shape:
+                got = "nothing" if key not in target else f"shape {tuple(target[key].shape)}"
+                raise AggregationInputError(f"server optimiser: {key!r} is {tuple(x.shape)} but the target has {got}")
             if not x.is_floating_point():
                 new[key] = target[key]
                 continue

@@ -8,9 +8,12 @@ Layout under the cache root (``$FEDLORA_CACHE``, default ``~/.cache/fedlora``)::
     locks/<name>.lock            file locks, so two processes never build the same entry at once
     tmp/                         build folders; an entry only appears by os.replace of a finished one
 
-A finished entry carries a manifest with the size and sha256 of every file it holds. Each use runs
-a quick check (manifest readable, recipe current, every file present with the right size); a
-failed check rebuilds the entry. ``verify_entry(..., full=True)`` also re-hashes the files.
+A finished entry carries a manifest with the size, sha256 and modification time of every file it
+holds. Each use runs a quick check (manifest readable, recipe current, every file present with the
+right size); a failed check rebuilds the entry. A file whose modification time changed since the
+build is re-hashed by the quick check too: a same-size change of content (a flipped byte) is then
+an error that says how to rebuild the entry (``fedlora assets fetch NAME --verify``), never a model
+that loads. ``verify_entry(..., full=True)`` re-hashes every file.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ _CHUNK = 1 << 20
 
 class AssetError(FedLoRAError):
     """A catalog asset could not be fetched, verified or built."""
+
+
+class ContentMismatch(str):
+    """A :func:`verify_entry` reason that says a cached file's bytes differ from the manifest's sha256:
+    the entry changed after it was built (disk damage, an edit), so it is not rebuilt silently."""
 
 
 def cache_root() -> Path:
@@ -222,7 +230,9 @@ def write_manifest(entry: CatalogEntry, folder: Path) -> dict:
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            st = p.stat()
+            files[p.relative_to(folder).as_posix()] = {"size": st.st_size, "sha256": sha256_file(p),
+                                                       "mtime_ns": st.st_mtime_ns}
     manifest = {
         "name": entry.name,
         "kind": entry.kind,
@@ -230,15 +240,36 @@ def write_manifest(entry: CatalogEntry, folder: Path) -> dict:
         "source": {"requirement": entry.wheel.requirement, "sha256": entry.wheel.sha256},
         "files": files,
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    _write_json_atomic(folder / MANIFEST, manifest)
     return manifest
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON next to ``path`` and rename it into place, so a reader never sees half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1, sort_keys=True))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def verify_entry(entry: CatalogEntry, full: bool = False) -> str | None:
     """None if the cached entry is complete and current; otherwise why not.
 
-    The quick check (``full=False``) reads the manifest and compares sizes; ``full=True`` also
-    re-hashes every file against the manifest.
+    The quick check (``full=False``) reads the manifest and compares sizes, and re-hashes a file whose
+    modification time is not the one recorded (a matching hash then records the new time, so the
+    next check is quick again); ``full=True`` re-hashes every file. A hash that does not match is
+    returned as a :class:`ContentMismatch`.
     """
     folder = entry_dir(entry)
     if not folder.is_dir():
@@ -253,29 +284,44 @@ def verify_entry(entry: CatalogEntry, full: bool = False) -> str | None:
         return "built by a different recipe or from a different wheel"
     if not files:
         return "manifest lists no files"
+    touched = {}
     try:
         for rel, meta in files.items():
             p = folder / rel
             try:
-                size = p.stat().st_size
+                st = p.stat()
             except OSError:
                 return f"{rel} is missing"
-            if size != meta["size"]:
-                return f"{rel} has {size} bytes, expected {meta['size']}"
-            if full and sha256_file(p) != meta["sha256"]:
-                return f"{rel} does not match its sha256"
+            if st.st_size != meta["size"]:
+                return f"{rel} has {st.st_size} bytes, expected {meta['size']}"
+            moved = meta.get("mtime_ns") != st.st_mtime_ns  # manifests before mtimes were kept: re-hash once
+            if (full or moved) and sha256_file(p) != meta["sha256"]:
+                return ContentMismatch(f"{rel} does not match its sha256")
+            if moved:
+                touched[rel] = st.st_mtime_ns
     except (AttributeError, KeyError, TypeError) as e:
         return f"manifest malformed ({e.__class__.__name__})"
     except OSError as e:  # a file there but unreadable
         return f"unreadable file ({e})"
+    if touched:
+        _record_mtimes(folder, manifest, touched)
     return None
+
+
+def _record_mtimes(folder: Path, manifest: dict, touched: dict[str, int]) -> None:
+    """Store the modification times of files whose content was just re-hashed and found intact (e.g.
+    after a copy of the cache), so that later quick checks need not hash them again. A read-only
+    cache simply keeps re-hashing them."""
+    for rel, mtime in touched.items():
+        manifest["files"][rel]["mtime_ns"] = mtime
+    with contextlib.suppress(OSError):
+        _write_json_atomic(folder / MANIFEST, manifest)
 
 
 def _open_permissions(folder: Path) -> None:
     """mkdtemp (and some writers) create owner-only files; give the finished entry the modes the
     user's umask gives ordinary files, so a shared cache stays readable by its group."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for p in [folder, *folder.rglob("*")]:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
@@ -296,9 +342,13 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
 
 def ensure_entry(entry: CatalogEntry, build: Callable[[Path], None], full_check: bool = False) -> Path:
     """The cached folder for ``entry``, building it with ``build(tmp_folder)`` when it is missing,
-    stale or corrupted. The build runs under the entry's lock into a temp folder, which is
+    stale or incomplete. The build runs under the entry's lock into a temp folder, which is
     manifested and renamed into place only when complete: a failed or interrupted build leaves
-    the cache as it was."""
+    the cache as it was.
+
+    A file whose content no longer matches its sha256 raises AssetError saying how to rebuild the
+    entry, unless ``full_check`` (what ``fedlora assets fetch --verify`` asks for), which rebuilds it.
+    """
     final = entry_dir(entry)
     if verify_entry(entry, full=full_check) is None:
         return final
@@ -306,6 +356,10 @@ def ensure_entry(entry: CatalogEntry, build: Callable[[Path], None], full_check:
         reason = verify_entry(entry, full=full_check)
         if reason is None:  # another process built it while we waited for the lock
             return final
+        if isinstance(reason, ContentMismatch) and not full_check:
+            raise AssetError(
+                f"{entry.name}: the cached copy in {final} is corrupted: {reason} (it changed after it was "
+                f"built). Run `fedlora assets fetch {entry.name} --verify` to rebuild it, or delete {final}.")
         if reason != "not cached":
             say(f"{entry.name}: cached copy is unusable ({reason}); rebuilding it")
         _remove_stale_tmp(entry.name)

@@ -73,12 +73,13 @@ class SVDRefactoring(Strategy):
     factor_averaging = False
     #: the server needs Σ p_k s_k B_k A_k, a sum of products, not of the uploads
     secure_aggregation = False
+    mixed_scalings = True
     split: ClassVar[str] = "left"
     norm_fix: ClassVar[bool] = False
 
     def __init__(self, *, clip: float | None = None, **kw):
         super().__init__(**kw)
-        if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        if clip is not None and (isinstance(clip, bool) or not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0)):
             raise ConfigError(f"strategy {self.name!r}: clip must be a positive finite number or None, got {clip!r}")
         self.clip = None if clip is None else float(clip)
 
@@ -86,7 +87,8 @@ class SVDRefactoring(Strategy):
                             state: GlobalState) -> LowRank:
         """Thin SVD of layer ``name``'s D = Σ_k p_k s_k B_k A_k, from the stacked factors."""
         pairs = [u.adapter.layers[name] for u in updates]
-        return factored_aggregate([p.B for p in pairs], [p.A for p in pairs], effective_weights(updates, weights))
+        return factored_aggregate([p.B for p in pairs], [p.A for p in pairs], effective_weights(updates, weights),
+                                  f"layer {name!r}")
 
     def _aggregate(self, updates: list[ClientUpdate], weights: Tensor, state: GlobalState) -> GlobalState:
         averaged, _ = self.average(updates, weights, state, frozenset({"extras"}))

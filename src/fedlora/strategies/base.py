@@ -17,6 +17,7 @@ residual, FLoRA's merge), as effective factors already multiplied by their scali
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,9 +32,35 @@ from fedlora.server_opt import ServerAdam
 ALL_PARTS = frozenset({"A", "B", "extras"})
 
 
+def check_alpha(alpha: float, who: str) -> None:
+    """Raise ConfigError unless the LoRA alpha is a positive finite number (α ≤ 0 flips or kills the update)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+        raise ConfigError(f"{who}: LoRA alpha must be a positive finite number, got {alpha!r}")
+
+
+def check_rank(rank: int, who: str) -> None:
+    """Raise ConfigError unless the LoRA rank is an integer ≥ 1 (every scaling divides by it)."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ConfigError(f"{who}: LoRA rank must be an integer ≥ 1, got {rank!r}")
+
+
+def check_scaling(scaling: float, who: str) -> None:
+    """Raise AggregationInputError unless a LoRA scaling is a positive finite number."""
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling) or scaling <= 0:
+        raise AggregationInputError(f"{who}: LoRA scaling {scaling!r} is not a positive finite number")
+
+
+def check_flag(value: object, option: str, strategy: str) -> bool:
+    """``value`` if it is a bool; else ConfigError (``bool("false")`` would silently be True)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"strategy {strategy!r}: {option} must be true or false, got {value!r}")
+    return value
+
+
 @dataclass
 class ClientContext:
-    """What a client knows about itself and the round it is training."""
+    """What a client knows about itself and the round it is training. A non-positive ``alpha`` or
+    ``rank`` raises ConfigError naming the client."""
 
     client_id: int | str
     round: int
@@ -43,6 +70,11 @@ class ClientContext:
     num_clients: int = 1  # clients aggregated this round
     total_clients: int = 1  # clients in the federation
     seed: int = 0
+
+    def __post_init__(self):
+        check_alpha(self.alpha, f"client {self.client_id}")
+        if self.rank is not None:
+            check_rank(self.rank, f"client {self.client_id}")
 
 
 @dataclass
@@ -81,6 +113,38 @@ class GlobalState:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def check_round(updates: Sequence[ClientUpdate], round: int) -> None:
+    """Reject a round's updates that no aggregate can come from, naming the client: none at all, a
+    client id twice, a sample count or a scaling that is not a positive finite number."""
+    if len(updates) == 0:
+        raise AggregationInputError(f"empty round {round}: no client uploads to aggregate")
+    seen = set()
+    for u in updates:
+        if u.client_id in seen:
+            raise AggregationInputError(f"client {u.client_id} appears twice in round {round}'s updates")
+        seen.add(u.client_id)
+        n = u.num_samples
+        # checked whatever the weighting: a client that trained on no examples has nothing to add
+        if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or n <= 0:
+            shown = float(n) if isinstance(n, numbers.Real) else repr(n)
+            raise AggregationInputError(f"client {u.client_id}: weight {shown} (its sample count) must be "
+                                        "positive and finite")
+        check_scaling(u.scaling, f"client {u.client_id}")
+
+
+def check_result(new: GlobalState, round: int) -> None:
+    """Raise AggregationInputError naming the layer if an aggregate is not finite: finite uploads can
+    still overflow (float32 factors near 1e19 square past its range), and a NaN global state would
+    silently poison every later round."""
+    where = f"round {round}'s aggregate"
+    check_uploads([new.adapter], first=where)
+    for name, pair in (new.base_delta or {}).items():
+        if not (torch.isfinite(pair.A).all() and torch.isfinite(pair.B).all()):
+            raise AggregationInputError(f"{where}, layer {name!r}: the base-weight change contains NaN or Inf "
+                                        "(the uploads overflowed)")
+    check_scaling(new.scaling, where)
+
+
 class Strategy:
     """Base class of every federated-LoRA method. Defaults are FedIT's (FedAvg of A and B).
 
@@ -99,6 +163,10 @@ class Strategy:
     heterogeneous_ranks: ClassVar[bool] = False
     #: The server averages factors, so a server optimiser can act on the average.
     factor_averaging: ClassVar[bool] = True
+    #: The aggregate weighs each client's B_k·A_k by its own scaling s_k, so clients may train with
+    #: different scalings (different ranks or alphas). False: factors are averaged as they are, which
+    #: only means something when every client used the same s.
+    mixed_scalings: ClassVar[bool] = False
 
     def __init__(self, *, weighting: str = "samples", server_optimizer: ServerAdam | None = None):
         if weighting not in ("samples", "uniform"):
@@ -122,6 +190,7 @@ class Strategy:
 
     def scaling(self, ctx: ClientContext, rank: int) -> float:
         """The LoRA scaling for a client of rank ``rank``: PEFT's lora_alpha / r by default."""
+        check_rank(rank, f"client {ctx.client_id}")
         return ctx.alpha / rank
 
     def client_start(self, state: GlobalState, personal: Adapter | None, ctx: ClientContext) -> Adapter:
@@ -167,17 +236,32 @@ class Strategy:
         return ALL_PARTS
 
     def receive(self, payload: Mapping[str, Tensor], state: GlobalState, round: int) -> Adapter:
-        """Rebuild a complete client adapter from its payload; parts not sent come from the global state."""
+        """Rebuild a complete client adapter from its payload; parts not sent come from the global state.
+
+        The payload must hold exactly what :meth:`payload` sends this round: a missing key would
+        otherwise be filled in silently from the global state, as if the client had not trained it.
+        """
         full = state.adapter.tensors()
         unexpected = sorted(set(payload) - set(full) - set(state.adapter.extras))
         if unexpected:
             raise AggregationInputError(f"payload has keys the global adapter lacks: {unexpected[:3]}")
+        missing = sorted(set(state.adapter.tensors(self.upload_parts(round))) - set(payload))
+        if missing:
+            raise AggregationInputError(f"payload lacks {missing[:3]}{' …' if len(missing) > 3 else ''}: strategy "
+                                        f"{self.name!r} uploads {sorted(self.upload_parts(round))} of every layer "
+                                        f"in round {round}")
         full.update(payload)
         return Adapter.from_state_dict(full)
 
     # ---- server side ----------------------------------------------------------------------------
     def init_state(self, adapter: Adapter, *, alpha: float = 16.0, seed: int = 0) -> GlobalState:
-        """The round-0 global state from an initial adapter (PEFT's init: A random, B zero)."""
+        """The round-0 global state from an initial adapter (PEFT's init: A random, B zero).
+
+        An adapter with NaN/Inf or malformed factors, or a non-positive ``alpha``, raises an error
+        naming the layer or the value.
+        """
+        check_uploads([adapter], first="the initial adapter")
+        check_alpha(alpha, "init_state")
         rank = next(iter(adapter.layers.values())).rank if adapter.layers else 1
         ctx = ClientContext(client_id="server", round=0, alpha=alpha)
         return GlobalState(adapter=adapter.clone(), round=0, scaling=self.scaling(ctx, rank),
@@ -191,20 +275,31 @@ class Strategy:
         return normalize_weights([u.num_samples for u in updates], ids)
 
     def validate(self, updates: Sequence[ClientUpdate], state: GlobalState) -> None:
-        """Reject an empty round, mismatched layers or shapes, NaN/Inf, bad ranks, naming the client."""
-        if len(updates) == 0:
-            raise AggregationInputError(f"empty round {state.round}: no client uploads to aggregate")
+        """Reject what the round cannot be aggregated from, naming the client, layer or value: an empty
+        round, a client id twice, a sample count or scaling that is not positive and finite, scalings
+        that differ where the strategy cannot combine them, mismatched layers, shapes or ranks, and
+        NaN/Inf in an upload or in the global state."""
+        check_round(updates, state.round)
+        check_scaling(state.scaling, "the global state")
         check_uploads([state.adapter] + [u.adapter for u in updates], ["global"] + [u.client_id for u in updates],
-                      same_ranks=not self.heterogeneous_ranks, check_extras=True)
+                      same_ranks=not self.heterogeneous_ranks, check_extras=True, first="the global adapter")
+        for key, t in state.server_opt.items():
+            if not torch.isfinite(t).all():
+                raise AggregationInputError(f"the global state's server optimiser moment {key!r} contains NaN or Inf")
+        first = updates[0]
         for u in updates:
-            if not math.isfinite(u.scaling) or u.scaling == 0:
-                raise AggregationInputError(f"client {u.client_id}: LoRA scaling {u.scaling} is not usable")
+            if not self.mixed_scalings and not math.isclose(u.scaling, first.scaling, rel_tol=1e-6):
+                raise AggregationInputError(
+                    f"client {u.client_id} trained with LoRA scaling {u.scaling:g} but client {first.client_id} "
+                    f"with {first.scaling:g}: strategy {self.name!r} averages the factors as they are and cannot "
+                    "combine different scalings (give every client the same LoRA rank and alpha)")
 
     def aggregate(self, updates: Sequence[ClientUpdate], state: GlobalState) -> GlobalState:
         """Validate the round, weigh the clients, and return the new global state (round + 1)."""
         self.validate(updates, state)
         new = self._aggregate(list(updates), self.weights(updates), state)
         new.round = state.round + 1
+        check_result(new, state.round)
         return new
 
     def _aggregate(self, updates: list[ClientUpdate], weights: Tensor, state: GlobalState) -> GlobalState:

@@ -43,11 +43,12 @@ class FedEx(Strategy):
 
     name = "fedex"
     secure_aggregation = False
+    mixed_scalings = True  # the residual weighs each client by its own s_k
 
     def _aggregate(self, updates: list[ClientUpdate], weights: Tensor, state: GlobalState) -> GlobalState:
         adapter, opt_state = self.average(updates, weights, state, self.upload_parts(state.round))
         base_delta = {}
         for name, g in adapter.layers.items():
             Bs, As, coefs = client_terms(updates, weights, name)
-            base_delta[name] = stack_factors(Bs + [g.B], As + [g.A], coefs + [-state.scaling])
+            base_delta[name] = stack_factors(Bs + [g.B], As + [g.A], coefs + [-state.scaling], f"layer {name!r}")
         return self.next_state(state, adapter, server_opt=opt_state, base_delta=base_delta)

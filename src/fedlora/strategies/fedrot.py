@@ -19,7 +19,7 @@ import torch
 
 from fedlora.align import alignment_rotation, check_lambda, haar_rotation, rotate, scalar_gauge
 from fedlora.errors import ConfigError
-from fedlora.factors import Adapter, LoRAPair
+from fedlora.factors import Adapter, LoRAPair, check_uploads
 from fedlora.strategies.base import ClientContext, Strategy
 from fedlora.strategies.registry import register
 
@@ -67,6 +67,10 @@ class FedRot(Strategy):
         return "A" if round % 2 == 1 else "B"
 
     def before_upload(self, adapter: Adapter, reference: Adapter, ctx: ClientContext) -> tuple[Adapter, dict]:
+        """Rotate every layer (see the class); a trained adapter with NaN/Inf or with layers or
+        shapes unlike the reference it started from raises AggregationInputError naming the layer."""
+        check_uploads([reference, adapter], ["reference", ctx.client_id], check_extras=False,
+                      first="the adapter it started from")
         factor = self.aligned_factor(ctx.round)
         if factor is None or (self.gauge == "procrustes" and self.lam == 0):
             return adapter, {}
@@ -77,7 +81,7 @@ class FedRot(Strategy):
             gen = torch.Generator().manual_seed(zlib.crc32(f"{ctx.seed}/{ctx.client_id}/{ctx.round}".encode()))
             for name, pair in adapter.layers.items():
                 if self.gauge == "scalar":
-                    layers[name], c = scalar_gauge(pair, reference.layers[name], factor)
+                    layers[name], c = scalar_gauge(pair, reference.layers[name], factor, f"layer {name!r}")
                     sizes[name] = abs(c - 1.0)
                     continue
                 R = haar_rotation(pair.rank, gen, dtype=torch.float64 if pair.A.dtype == torch.float64 else torch.float32)
@@ -102,7 +106,8 @@ def _procrustes_by_shape(adapter: Adapter, reference: Adapter, factor: str, lam:
     for names in groups.values():
         stack = lambda src, i: torch.stack([src.layers[n][i] for n in names])  # noqa: E731
         pairs = LoRAPair(stack(adapter, 0), stack(adapter, 1))
-        R = alignment_rotation(pairs, LoRAPair(stack(reference, 0), stack(reference, 1)), factor, lam)
+        R = alignment_rotation(pairs, LoRAPair(stack(reference, 0), stack(reference, 1)), factor, lam,
+                               f"layers {names}")
         rotated = rotate(pairs, R)
         eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
         for n, A, B, size in zip(names, rotated.A, rotated.B, torch.linalg.matrix_norm(R - eye).tolist()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fedlora.errors import AggregationInputError
 from fedlora.factors import Adapter, LoRAPair
-from fedlora.strategies.base import ALL_PARTS, ClientContext, GlobalState, Strategy
+from fedlora.strategies.base import ALL_PARTS, ClientContext, GlobalState, Strategy, check_flag, check_rank
 from fedlora.strategies.registry import register
 
 
@@ -46,10 +46,11 @@ class FedSA(Strategy):
 
     def __init__(self, *, keep_head_local: bool = False, rslora: bool = False, **kw):
         super().__init__(**kw)
-        self.keep_head_local = bool(keep_head_local)
-        self.rslora = bool(rslora)
+        self.keep_head_local = check_flag(keep_head_local, "keep_head_local", self.name)
+        self.rslora = check_flag(rslora, "rslora", self.name)
 
     def scaling(self, ctx: ClientContext, rank: int) -> float:
+        check_rank(rank, f"client {ctx.client_id}")
         return ctx.alpha / rank ** 0.5 if self.rslora else ctx.alpha / rank
 
     def shared_parts(self) -> frozenset[str]:

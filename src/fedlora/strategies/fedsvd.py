@@ -58,4 +58,4 @@ class FedSVD(SVDRefactoring):
         for w, B in zip(effective_weights(updates, weights), Bs):
             B_bar.add_(B.to(dt), alpha=w)
         # B̄·A_g has rank ≤ r: the QR route costs O((d_in + d_out)·r²)
-        return lowrank_svd(A_g.to(dt), B_bar)
+        return lowrank_svd(A_g.to(dt), B_bar, f"layer {name!r}")

@@ -60,11 +60,11 @@ class FlexLoRA(SVDRefactoring):
             if r > g.rank:
                 raise ConfigError(f"client {ctx.client_id}: rank {r} exceeds the global adapter's rank {g.rank} "
                                   f"at layer {name!r}; FlexLoRA's global rank must be the largest client rank")
-            layers[name] = g if r == g.rank else self._truncate(g, r, state.scaling / self.scaling(ctx, r))
+            layers[name] = g if r == g.rank else self._truncate(g, r, state.scaling / self.scaling(ctx, r), name)
         return Adapter(layers, start.extras)
 
     @staticmethod
-    def _truncate(g: LoRAPair, r: int, rescale: float) -> LoRAPair:
+    def _truncate(g: LoRAPair, r: int, rescale: float, name: str) -> LoRAPair:
         """The rank-r pair with B·A = rescale × (best rank-r approximation of g.B·g.A).
 
         A zero product (PEFT's init, B = 0) keeps the first r rows of A and columns of B, so the
@@ -75,5 +75,5 @@ class FlexLoRA(SVDRefactoring):
         if torch.count_nonzero(g.B) == 0 or torch.count_nonzero(g.A) == 0:
             return LoRAPair(g.A[:r].clone(), g.B[:, :r] * rescale)
         dt = compute_dtype(g.A, g.B)
-        pair = lowrank_svd(g.A.to(dt), g.B.to(dt)).truncate(r).split("left")
+        pair = lowrank_svd(g.A.to(dt), g.B.to(dt), f"global layer {name!r}").truncate(r).split("left")
         return LoRAPair(pair.A.to(g.A.dtype), (pair.B * rescale).to(g.B.dtype))

@@ -83,6 +83,7 @@ class FLoRA(Strategy):
     secure_aggregation = False
     heterogeneous_ranks = True
     factor_averaging = False
+    mixed_scalings = True
 
     def init_state(self, adapter: Adapter, *, alpha: float = 16.0, seed: int = 0) -> GlobalState:
         state = super().init_state(adapter, alpha=alpha, seed=seed)
@@ -96,7 +97,8 @@ class FLoRA(Strategy):
         return fresh_adapter(state.adapter, ctx.rank, state.info.get("seed", 0), state.round, ctx.client_id)
 
     def _aggregate(self, updates: list[ClientUpdate], weights: Tensor, state: GlobalState) -> GlobalState:
-        base_delta = {name: stack_factors(*client_terms(updates, weights, name)) for name in state.adapter.layers}
+        base_delta = {name: stack_factors(*client_terms(updates, weights, name), f"layer {name!r}")
+                      for name in state.adapter.layers}
         averaged, _ = self.average(updates, weights, state, frozenset({"extras"}))
         fresh = fresh_adapter(averaged, None, state.info.get("seed", 0), state.round + 1)
         return self.next_state(state, fresh, base_delta=base_delta)

@@ -120,7 +120,7 @@ class LoRAFAIR(Strategy):
         super().__init__(weighting=weighting, server_optimizer=server_optimizer)
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
             raise ConfigError(f"strategy 'lorafair': lam must be a finite number ≥ 0, got {lam!r}")
-        if not isinstance(steps, int) or steps < 0:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ConfigError(f"strategy 'lorafair': steps must be an integer ≥ 0, got {steps!r}")
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ConfigError(f"strategy 'lorafair': lr must be a positive finite number, got {lr!r}")

@@ -10,7 +10,7 @@ is trained and averaged: Σ p_k B_k A = B̄A (and vice versa), so the aggregate 
 from __future__ import annotations
 
 from fedlora.factors import Adapter
-from fedlora.strategies.base import ClientContext, Strategy
+from fedlora.strategies.base import ClientContext, Strategy, check_flag
 from fedlora.strategies.ffa import check_frozen
 from fedlora.strategies.registry import register
 
@@ -41,7 +41,7 @@ class RoLoRA(Strategy):
 
     def __init__(self, *, train_head: bool = True, **kw):
         super().__init__(**kw)
-        self.train_head = bool(train_head)
+        self.train_head = check_flag(train_head, "train_head", self.name)
 
     def trainable(self, round: int) -> frozenset[str]:
         return frozenset({"A"} if round % 2 == 1 else {"B"})

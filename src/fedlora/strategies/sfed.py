@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fedlora.errors import ConfigError
-from fedlora.strategies.base import ClientContext, ClientUpdate, GlobalState
+from fedlora.strategies.base import ClientContext, ClientUpdate, GlobalState, check_rank
 from fedlora.strategies.fedsa import FedSA
 from fedlora.strategies.registry import register
 
@@ -52,6 +52,7 @@ class SFed(FedSA):
         self.n = n
 
     def scaling(self, ctx: ClientContext, rank: int) -> float:
+        check_rank(rank, f"client {ctx.client_id}")
         N = ctx.num_clients if self.n == "round" else ctx.total_clients
         if N < 1:
             raise ConfigError(f"client {ctx.client_id}: sfed needs N ≥ 1 clients (n={self.n!r}), got {N}")
@@ -59,7 +60,5 @@ class SFed(FedSA):
 
     def _aggregate(self, updates: list[ClientUpdate], weights: Tensor, state: GlobalState) -> GlobalState:
         new = super()._aggregate(updates, weights, state)
-        scales = {u.scaling for u in updates}
-        if len(scales) == 1:  # the γ this round's clients used; mixed values leave it as it was
-            new.scaling = scales.pop()
+        new.scaling = updates[0].scaling  # the γ this round's clients used (validate made them equal)
         return new
