@@ -137,5 +137,6 @@ def test_a_damaged_checkpoint_names_the_file(tiny, damage):
     ckpt = Path(summary["run_dir"]) / "checkpoint.pt"
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 3] if damage == "truncate" else os.urandom(len(data)))
-    with pytest.raises(ConfigError, match=str(ckpt)):
-        run(load_config(Path(summary["run_dir"]) / "config.toml"), resume=summary["run_dir"], log=lambda s: None)
+    with pytest.raises(ConfigError, match=str(ckpt)):  # more rounds: a finished run needs no checkpoint
+        run(load_config(Path(summary["run_dir"]) / "config.toml", ["train.rounds=2"]), resume=summary["run_dir"],
+            log=lambda s: None)

@@ -11,3 +11,8 @@ class AggregationInputError(FedLoRAError):
 
 class ConfigError(FedLoRAError):
     """A bad configuration value: unknown name, wrong type, value out of range."""
+
+
+class RoundFailedError(FedLoRAError):
+    """A round that could not complete: every sampled client failed, or (on Flower) fewer valid
+    replies came back than the configured minimum. The run ends with status "failed: …"."""

@@ -26,13 +26,9 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig, from_dict, load_config, to_toml
-from fedlora.errors import AggregationInputError, ConfigError, FedLoRAError
+from fedlora.errors import AggregationInputError, ConfigError, FedLoRAError, RoundFailedError
 from fedlora.flower import records as rec
 from fedlora.strategies import ClientContext, ClientUpdate, GlobalState
-
-
-class RoundFailedError(FedLoRAError):
-    """Too few valid replies in a round (fewer than the configured minimum)."""
 
 
 @dataclasses.dataclass
@@ -238,15 +234,16 @@ class FlowerServer:
     # ---- the run --------------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
         """Run ``cfg.train.rounds`` rounds on the nodes of ``grid``; returns the summary."""
-        from fedlora.sim.engine import (aggregate_round, evaluate_if_due, finish, metrics_row, prepare, round_line,
-                                        sample_clients)
-        from fedlora.sim.rundir import RunDir, sigint_deferred
+        from fedlora.sim.engine import (aggregate_round, completed_line, evaluate_if_due, finish, metrics_row, prepare,
+                                        round_line, sample_clients)
+        from fedlora.sim.rundir import RunDir, signals_deferred
 
         t_start = time.perf_counter()
         cfg = self.cfg
         self.check_secagg()
         torch.manual_seed(cfg.run.seed)  # the initial adapter (PEFT's init) is a function of the seed
         server_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, personalised=False))
+        RunDir.check_location(cfg)
         fed = prepare(server_cfg, self.log)  # the global model for evaluation; checks every input first
         self.strategy, self.num_clients = fed.strategy, fed.num_clients
         strategy, seed = fed.strategy, cfg.run.seed
@@ -259,50 +256,55 @@ class FlowerServer:
         known_base: dict[int, int] = {}  # node → base deltas it has merged (from its last reply)
         deltas: list = []  # every aggregation's base change, in order
         self.rows = []
-        while state.round < cfg.train.rounds:
-            t = state.round
-            t0 = time.perf_counter()
-            sampled = sample_clients(seed, t, fed.num_clients, cfg.train)
-            msgs, sent = [], {}
-            for k in sampled:
-                node = pid_to_node[k]
-                msg, nbytes = self.train_message(node, state, len(sampled), node not in has_global, deltas,
-                                                 known_base.get(node, 0))
-                msgs.append(msg)
-                sent[k] = nbytes
-            if self.options.secagg:
-                good, failed, secure = self.secagg_collect(grid, state, msgs, sampled, pid_to_node, fed)
-            else:
-                good, failed = self.plain_collect(grid, state, msgs, sampled)
-            for k, _, _, _, _, version in good:
-                has_global.add(pid_to_node[k])
-                known_base[pid_to_node[k]] = version
-            if len(good) < self.options.min_replies:
-                raise RoundFailedError(
-                    f"round {t + 1}: {len(good)} valid replies of {len(sampled)} sampled, fewer than the minimum "
-                    f"{self.options.min_replies}; failures: " + "; ".join(f"client {f['client']}: {f['error']}" for f in failed))
-            for f in failed:
-                self.log(f"round {t + 1}: client {f['client']} failed: {f['error']}")
-            t_train = time.perf_counter() - t0
-            updates = [g[1] for g in good]
-            contexts = [dataclasses.replace(g[2], num_clients=len(sampled)) for g in good]
-            # under SecAgg+ the server holds only the weighted average: one aggregate update, no diagnostics
-            state, diag, comm = aggregate_round(fed, state, updates, contexts,
-                                                secure=secure if self.options.secagg else None)
-            if state.base_delta:
-                deltas.append(state.base_delta)
-            evaluation, t_eval = evaluate_if_due(fed, state, {}, t)
-            row = metrics_row(t, sampled, failed, {g[0]: (g[3], g[1].num_samples) for g in good}, evaluation, diag,
-                              comm, t0=t0, train_s=t_train, eval_s=t_eval,
-                              bytes_up_sent=sum(g[4] for g in good), bytes_down_sent=sum(sent[g[0]] for g in good))
-            with sigint_deferred():
-                rundir.commit_round(row, state, {}, fed.shared.base_merged, {"seed": seed})
-            self.rows.append(row)
-            self.log(round_line(row, cfg.train.rounds).replace("[red]", "").replace("[/]", ""))
+        try:  # as `fedlora run`: a failed round ends the run "failed: …", keeping the complete rounds
+            while state.round < cfg.train.rounds:
+                t = state.round
+                t0 = time.perf_counter()
+                sampled = sample_clients(seed, t, fed.num_clients, cfg.train)
+                msgs, sent = [], {}
+                for k in sampled:
+                    node = pid_to_node[k]
+                    msg, nbytes = self.train_message(node, state, len(sampled), node not in has_global, deltas,
+                                                     known_base.get(node, 0))
+                    msgs.append(msg)
+                    sent[k] = nbytes
+                if self.options.secagg:
+                    good, failed, secure = self.secagg_collect(grid, state, msgs, sampled, pid_to_node, fed)
+                else:
+                    good, failed = self.plain_collect(grid, state, msgs, sampled)
+                for k, _, _, _, _, version in good:
+                    has_global.add(pid_to_node[k])
+                    known_base[pid_to_node[k]] = version
+                if len(good) < self.options.min_replies:
+                    raise RoundFailedError(
+                        f"round {t + 1}: {len(good)} valid replies of {len(sampled)} sampled, fewer than the minimum "
+                        f"{self.options.min_replies}; failures: " + "; ".join(f"client {f['client']}: {f['error']}" for f in failed))
+                for f in failed:
+                    self.log(f"round {t + 1}: client {f['client']} failed: {f['error']}")
+                t_train = time.perf_counter() - t0
+                updates = [g[1] for g in good]
+                contexts = [dataclasses.replace(g[2], num_clients=len(sampled)) for g in good]
+                # under SecAgg+ the server holds only the weighted average: one aggregate update, no diagnostics
+                state, diag, comm = aggregate_round(fed, state, updates, contexts,
+                                                    secure=secure if self.options.secagg else None)
+                if state.base_delta:
+                    deltas.append(state.base_delta)
+                evaluation, t_eval = evaluate_if_due(fed, state, {}, t)
+                row = metrics_row(t, sampled, failed, {g[0]: (g[3], g[1].num_samples) for g in good}, evaluation, diag,
+                                  comm, t0=t0, train_s=t_train, eval_s=t_eval,
+                                  bytes_up_sent=sum(g[4] for g in good), bytes_down_sent=sum(sent[g[0]] for g in good))
+                with signals_deferred():
+                    rundir.commit_round(row, state, {}, fed.shared.base_merged, {"seed": seed})
+                self.rows.append(row)
+                self.log(round_line(row, cfg.train.rounds).replace("[red]", "").replace("[/]", ""))
+        except FedLoRAError as e:
+            finish(fed, rundir, state, dict(fed.shared.base_merged), f"failed: {e}", time.perf_counter() - t_start)
+            raise
         self.state = state
         summary = finish(fed, rundir, state, dict(fed.shared.base_merged), "completed", time.perf_counter() - t_start)
         summary["engine"] = "flower"
         rundir.write_json("summary.json", summary)
+        self.log(completed_line(summary))
         return summary
 
 

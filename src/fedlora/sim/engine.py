@@ -15,8 +15,8 @@ generic hooks (``fedlora.strategies.base``), never by name.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError, FedLoRAError
+from fedlora.errors import ConfigError, FedLoRAError, RoundFailedError
 from fedlora.factors import Adapter
 from fedlora.sim import client as client_mod
 from fedlora.sim.model import SharedModel, autocast_for, load_tokenizer, pick_device, target_modules_for
-from fedlora.sim.rundir import RunDir, sigint_deferred
+from fedlora.sim.rundir import ResumePoint, RunDir, signals_deferred, sigterm_interrupts
 from fedlora.sim.tasks import Encoded, Task, get_task
-from fedlora.strategies import ClientContext, ClientUpdate, GlobalState, Strategy, get_strategy
+from fedlora.strategies import ClientContext, ClientUpdate, GlobalState, Strategy
+from fedlora.strategies.registry import make_strategy
 
 
 # ---- setup: everything checked before any training ----------------------------------------------
@@ -68,22 +69,27 @@ class Federation:
 
 
 def resolve_model(name: str) -> str:
-    """A catalog name → its local folder; a local folder → itself; anything else is a hub id."""
-    if Path(name).is_dir():
-        return str(name)
+    """A catalog name → its local folder; a local folder → itself; anything else is a hub id.
+
+    A name that can only be a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) and is no folder, or a folder
+    with no ``config.json``, raises ConfigError saying so rather than asking the hub for it."""
+    folder = Path(name).expanduser()
+    looks_like_path = name.startswith((".", "~")) or folder.is_absolute() or name.count("/") > 1 or (
+        os.sep != "/" and os.sep in name)  # a hub id is "name" or "owner/name"
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.name = {name!r}: the folder holds no model (no config.json)")
+        return str(folder)
+    if looks_like_path and not folder.exists():
+        raise ConfigError(f"model.name = {name!r}: no such folder")
     from fedlora import assets
 
     return str(assets.resolve_model(name))
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
-    """The configured strategy; ``server_optimizer`` options become a ServerAdam."""
-    options = dict(cfg.strategy.options)
-    if isinstance(options.get("server_optimizer"), dict):
-        from fedlora.server_opt import ServerAdam
-
-        options["server_optimizer"] = ServerAdam(**options["server_optimizer"])
-    strategy = get_strategy(cfg.strategy.name, **options)
+    """The configured strategy (options checked, ``server_optimizer`` built; see ``make_strategy``)."""
+    strategy = make_strategy(cfg.strategy.name, cfg.strategy.options)
     if cfg.lora.client_ranks and set(cfg.lora.client_ranks) != {cfg.lora.r} and not strategy.heterogeneous_ranks:
         raise ConfigError(f"lora.client_ranks = {cfg.lora.client_ranks}: strategy {strategy.name!r} needs equal "
                           "ranks; use one that supports heterogeneous ranks (e.g. flora, flexlora)")
@@ -361,13 +367,22 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     return " · ".join(parts)
 
 
+@sigterm_interrupts()
 def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progress: bool | None = None,
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a federated simulation; returns the summary (also written to summary.json).
 
-    ``resume`` is an existing run directory: the run continues from its last complete round with the
-    config stored there. ``loss_fn(model, batch, client_id)`` replaces the task's loss (tests use it
-    to inject failures). Ctrl-C stops after writing the summary; complete rounds are never lost.
+    ``resume`` is an existing run directory: the run continues from its last complete round. ``cfg``
+    may differ from the config stored there only in ``RESUMABLE_KEYS`` (e.g. more rounds); a run
+    already complete for ``cfg.train.rounds`` is left untouched. ``loss_fn(model, batch, client_id)``
+    replaces the task's loss (tests use it to inject failures).
+
+    Ctrl-C or SIGTERM stops after writing the summary (status "interrupted") and re-raises
+    KeyboardInterrupt; complete rounds are never lost. A round in which every sampled client fails
+    (NaN or Inf loss) cannot complete: the run ends with status "failed: …" and raises
+    RoundFailedError naming the first client's error; so does any other FedLoRAError mid-run
+    (e.g. ``train.fail_fast``). Rounds where only some clients fail complete without them; the
+    summary counts those client-rounds (``failed_client_rounds``, ``first_failure``).
     """
     from rich.console import Console
 
@@ -376,6 +391,22 @@ def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progr
     console = Console(highlight=False)
     say = log or console.print
 
+    # what can be checked without the model or the data is checked first, and touches no file
+    if resume is not None:
+        rundir = RunDir.open(resume)
+        rundir.check_resume_config(cfg)
+        finished = rundir.finished_summary(cfg.train.rounds)
+        if finished is not None:
+            say(f"run {rundir.path} is already complete: {cfg.train.rounds} of {cfg.train.rounds} rounds; "
+                "add rounds with --set train.rounds=N")
+            return finished
+        point = rundir.resume_point()
+        if cfg.train.rounds < point.round:
+            raise ConfigError(f"train.rounds = {cfg.train.rounds}: the run in {str(rundir.path)!r} has already "
+                              f"completed {point.round} rounds; ask for at least that many")
+    else:
+        RunDir.check_location(cfg)
+
     fed = prepare(cfg, say)  # every input error surfaces here, before any training
     strategy, shared = fed.strategy, fed.shared
     seed = cfg.run.seed
@@ -383,22 +414,22 @@ def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progr
     personal: dict[int, Adapter | None] = {}
     for k in range(fed.num_clients):  # a client the strategy cannot start (e.g. its rank) fails now, not mid-run
         strategy.client_start(state, None, client_context(fed, k, 0, fed.num_clients))
-    rundir = RunDir.open(resume) if resume is not None else RunDir.create(cfg)
     if resume is not None:
-        ckpt = rundir.load_checkpoint()
-        if ckpt is not None:
-            state, personal = ckpt["state"], ckpt["personal"]
-            restore_checkpoint_extra(fed, ckpt, rundir.checkpoint_path)
-        rows = rundir.keep_metrics_before(state.round)
+        if point.checkpoint is not None:
+            state, personal = point.checkpoint["state"], point.checkpoint["personal"]
+            restore_checkpoint_extra(fed, point.checkpoint, rundir.checkpoint_path)
+        rundir.cut_metrics(point)
         rundir.write_config(cfg)  # e.g. more rounds, set on the command line of the resume
-        say(f"resuming {rundir.path} at round {state.round + 1} ({len(rows)} rounds done)")
+        say(resume_line(rundir, point))
     else:
+        rundir = RunDir.create(cfg)
         rundir.write_json("partition.json", fed.partition_summary)
         _plot_partition(fed.partition_summary, rundir.path / "partition.png")
     say(f"run directory: {rundir.path}")
 
     status = "completed"
     complete = (state, dict(shared.base_merged))  # the last round that is fully written
+    failed_row = None  # the row of a round that could not complete (it is not in metrics.jsonl)
     display = Display(console, show, cfg.train.rounds, state.round)
     try:
         with display:
@@ -422,17 +453,18 @@ def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progr
                     contexts.append(ctx)
                     losses[k] = result.loss
                 t_train = time.perf_counter() - t0
+                if not updates:  # nothing to aggregate: a model carried over unchanged is no round's result
+                    failed_row = metrics_row(t, sampled, failed, {}, None, None, NO_BYTES, t0=t0, train_s=t_train,
+                                             eval_s=0.0)
+                    raise RoundFailedError(f"round {t + 1}: every sampled client failed ({len(failed)} of "
+                                           f"{len(sampled)}); the first: {failed[0]['error']}")
 
                 display.status("aggregating")
-                diag, comm = None, {"bytes_up_total": 0, "bytes_down_total": 0}
-                if updates:
-                    state, diag, comm = aggregate_round(fed, state, updates, contexts)
-                else:  # every client failed: nothing to aggregate, the global state carries over
-                    state = dataclasses.replace(state, round=state.round + 1)
+                state, diag, comm = aggregate_round(fed, state, updates, contexts)
                 evaluation, t_eval = evaluate_if_due(fed, state, personal, t, status=display.status)
                 row = metrics_row(t, sampled, failed, {k: (loss, len(fed.client_train[k])) for k, loss in losses.items()},
                                   evaluation, diag, comm, t0=t0, train_s=t_train, eval_s=t_eval)
-                with sigint_deferred():  # a Ctrl-C here lands after the row, the checkpoint and `complete` agree
+                with signals_deferred():  # a signal here lands after the row, the checkpoint and `complete` agree
                     rundir.commit_round(row, state, personal, shared.base_merged, checkpoint_extra(fed))
                     complete = (state, dict(shared.base_merged))
                 display.round_done(round_line(row, cfg.train.rounds))
@@ -440,13 +472,37 @@ def run(cfg: RunConfig, *, resume: str | Path | None = None, loss_fn=None, progr
         status = "interrupted"
         say(f"interrupted after {complete[0].round} complete rounds of {cfg.train.rounds}; "
             f"resume with: fedlora run --resume {rundir.path}")
-    except FedLoRAError as e:  # fail_fast, or a strategy rejecting the round: keep what is complete, then raise
-        finish(fed, rundir, *complete, f"failed: {e}", time.perf_counter() - t_start)
+    except FedLoRAError as e:  # a failed round, fail_fast, a strategy rejecting the round: keep what is complete
+        finish(fed, rundir, *complete, f"failed: {e}", time.perf_counter() - t_start, failed_row=failed_row)
         raise
     summary = finish(fed, rundir, *complete, status, time.perf_counter() - t_start)
     if status == "interrupted":
         raise KeyboardInterrupt
+    say(completed_line(summary))
     return summary
+
+
+#: the communication of a round that sent nothing
+NO_BYTES = {"bytes_up_total": 0, "bytes_down_total": 0}
+
+
+def resume_line(rundir: RunDir, point: ResumePoint) -> str:
+    """What a resume starts from, and what it cut from metrics.jsonl."""
+    line = f"resuming {rundir.path} at round {point.round + 1} ({point.round} rounds done)"
+    if point.redone is not None:
+        line += f"; round {point.redone + 1} was logged after the last checkpoint, so it is run again"
+    if point.torn_line is not None:
+        line += f"; cut the torn last line of metrics.jsonl (line {point.torn_line}, a write cut short)"
+    return line
+
+
+def completed_line(summary: dict[str, Any]) -> str:
+    """The last line of a completed run: its rounds and, if any, its failed client-rounds."""
+    line = f"completed {summary['rounds_completed']} rounds"
+    n = summary["failed_client_rounds"]
+    if n:
+        line += f"; {n} client-round{'s' if n > 1 else ''} failed (first: {summary['first_failure']})"
+    return line
 
 
 def checkpoint_extra(fed: Federation) -> dict[str, Any]:
@@ -496,14 +552,16 @@ def _plot_partition(summary: dict[str, Any], path: Path) -> None:
 
 
 def finish(fed: Federation, rundir: RunDir, state: GlobalState, base_merged: dict, status: str,
-           wall_s: float) -> dict[str, Any]:
-    """Save the global adapter and merged base change of the last complete round, write summary.json."""
+           wall_s: float, failed_row: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save the global adapter and merged base change of the last complete round, write summary.json.
+    ``failed_row`` is the row of a round that could not complete: not logged, but its failures count."""
     cfg = fed.cfg
     rundir.save_adapter(state.adapter, scaling=state.scaling, base_model=fed.model_path,
                         task_type=fed.task.peft_task_type, target_modules=fed.target_modules, dropout=cfg.lora.dropout,
                         base_delta=fed.shared.base_delta_state_dict(base_merged))
     rows = rundir.read_metrics()
-    summary = summarize(rows, fed.task.metrics[0], higher_is_better=fed.task.higher_is_better)
+    summary = summarize(rows + ([failed_row] if failed_row else []), fed.task.metrics[0],
+                        higher_is_better=fed.task.higher_is_better)
     summary.update(status=status, strategy=cfg.strategy.name, model=cfg.model.name, dataset=cfg.data.source,
                    num_clients=fed.num_clients, num_labels=fed.num_labels, rounds_completed=state.round,
                    rounds=cfg.train.rounds, wall_s=wall_s, run_dir=str(rundir.path),
@@ -518,7 +576,7 @@ def finish(fed: Federation, rundir: RunDir, state: GlobalState, base_merged: dic
 
 def summarize(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = True) -> dict[str, Any]:
     """Best and final values of the headline metric (global and personal), mean aggregation error,
-    bytes and failures, from metrics rows."""
+    bytes, and failed client-rounds (how many, and the first), from metrics rows."""
     best = max if higher_is_better else min
     def series(get):
         out = []
@@ -533,6 +591,7 @@ def summarize(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = 
     pers_w = series(lambda r: r["eval"]["personal"][f"{metric}_weighted"])
     pers_u = series(lambda r: r["eval"]["personal"][f"{metric}_unweighted"])
     err = series(lambda r: r["diagnostics"]["agg_error_rel"])
+    failures = [f"round {r['round'] + 1}, {f['error']}" for r in rows for f in r["failed"]]
     return {
         "metric": metric,
         f"best_{metric}": best(glob) if glob else None,
@@ -543,5 +602,6 @@ def summarize(rows: list[dict[str, Any]], metric: str, higher_is_better: bool = 
         "mean_agg_error_rel": float(np.mean(err)) if err else None,
         "bytes_up": sum(r["bytes_up"] for r in rows),
         "bytes_down": sum(r["bytes_down"] for r in rows),
-        "failed_client_rounds": sum(len(r["failed"]) for r in rows),
+        "failed_client_rounds": len(failures),
+        "first_failure": failures[0] if failures else None,
     }

@@ -7,7 +7,8 @@
       partition.json, .png     per-client sizes and label counts, and their plot
       metrics.jsonl            one JSON row per completed round, flushed as it is written
       checkpoint.pt            the state after the last completed round (replaced atomically)
-      summary.json             headline numbers; written at the end (or on Ctrl-C)
+      summary.json             headline numbers and status; written at the end (or on Ctrl-C,
+                               SIGTERM or a failed round)
       adapter/                 the final global adapter in PEFT format:
         adapter_config.json      PeftModel.from_pretrained(base, RUN_DIR/adapter) loads it
         adapter_model.safetensors
@@ -17,7 +18,10 @@
                                (``fedlora.sim.model.load_run_model`` does both)
 
 A temporary file plus ``os.replace`` makes every write all-or-nothing: an interrupted run leaves
-the previous complete version of each file.
+the previous complete version of each file. metrics.jsonl is appended to, a row then the
+checkpoint, so a process killed between the two leaves one row ahead of the checkpoint, and one
+killed mid-write a torn last line: :meth:`RunDir.resume_point` accepts exactly those two and
+refuses anything else (a damaged row, rows the checkpoint does not explain).
 """
 
 from __future__ import annotations
@@ -27,15 +31,17 @@ import json
 import math
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedlora.config import RunConfig, to_toml
+from fedlora.config import RESUMABLE_KEYS, RunConfig, format_diff, load_config, settings_diff, to_toml
 from fedlora.errors import ConfigError
 from fedlora.factors import Adapter, LoRAPair
 from fedlora.strategies.base import GlobalState
@@ -54,23 +60,53 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
+#: the signals that stop a run cleanly: Ctrl-C, and SIGTERM (``kill``, a batch scheduler, a container stop)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def sigint_deferred() -> Iterator[None]:
-    """Hold SIGINT back for the block, then raise KeyboardInterrupt after it if one came. Only the
-    main thread can install a handler; elsewhere (e.g. a Flower ServerApp thread) the block runs as is."""
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the block, then act on the first that came: its previous
+    handler runs (Python's SIGINT handler raises KeyboardInterrupt); a default handler becomes
+    KeyboardInterrupt too, so that the caller stops as cleanly as on Ctrl-C. Only the main thread
+    can install a handler; elsewhere (e.g. a Flower ServerApp thread) the block runs as is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[tuple[int, Any]] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append((signum, frame))) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught and callable(previous):
-        previous(*caught[0])  # Python's default handler raises KeyboardInterrupt
-    elif caught and previous != signal.SIG_IGN:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if not caught:
+        return
+    signum, frame = caught[0]
+    handler = previous[signum]
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != signal.SIG_IGN:
         raise KeyboardInterrupt
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block (or the decorated function), SIGTERM raises KeyboardInterrupt as Ctrl-C
+    does, so a terminated run stops the same way: complete rounds kept, summary written, resumable.
+    Main thread only, as :func:`signals_deferred`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _json_safe(value: Any) -> Any:
@@ -90,6 +126,31 @@ def _json_safe(value: Any) -> Any:
 
 def dumps(value: Any) -> str:
     return json.dumps(_json_safe(value), allow_nan=False)
+
+
+def _parse_row(line: bytes) -> dict[str, Any] | None:
+    """A metrics row from one line, or None if it is not one (not JSON, or no integer round)."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        return None
+    ok = isinstance(row, dict) and isinstance(row.get("round"), int) and not isinstance(row["round"], bool)
+    return row if ok else None
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues (:meth:`RunDir.resume_point`)."""
+
+    checkpoint: dict[str, Any] | None  # None: no round had completed
+    lines: list[bytes]  # the metrics rows of the completed rounds, as written
+    redone: int | None = None  # a round whose row was written after the checkpoint; it runs again
+    torn_line: int | None = None  # the line number of a torn last line of metrics.jsonl
+
+    @property
+    def round(self) -> int:
+        """The next round to run (= the rounds completed)."""
+        return len(self.lines)
 
 
 def _pairs_to_tensors(pairs: Mapping[str, LoRAPair] | None) -> dict[str, Tensor] | None:
@@ -112,14 +173,32 @@ class RunDir:
     def checkpoint_path(self) -> Path:
         return self.path / "checkpoint.pt"
 
+    @staticmethod
+    def check_location(cfg: RunConfig) -> None:
+        """Raise ConfigError, naming the key, if a new run directory cannot be made where ``cfg`` puts
+        it: a file on the way, a folder that cannot be written, or a ``run.dir`` already in use.
+        Cheap, so that a run checks it before loading a model."""
+        key, path = ("run.dir", Path(cfg.run.dir)) if cfg.run.dir else ("run.output_dir", Path(cfg.run.output_dir))
+        if cfg.run.dir and path.is_dir() and any(path.iterdir()):
+            raise ConfigError(f"run.dir {str(path)!r} exists and is not empty; resume it with --resume or "
+                              "choose another")
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"{key} = {str(path)!r}: {str(existing)!r} is a file, not a folder")
+        try:  # the only sure test of "can a folder be made here" is making one
+            os.rmdir(tempfile.mkdtemp(prefix=".fedlora-probe-", dir=existing))
+        except OSError as e:
+            raise ConfigError(f"{key} = {str(path)!r}: cannot create a folder in {str(existing)!r} "
+                              f"({e.strerror})") from e
+
     @classmethod
     def create(cls, cfg: RunConfig) -> RunDir:
         """A fresh run directory (``run.dir``, or ``output_dir/name``, suffixed -2, -3… if taken)."""
+        cls.check_location(cfg)
         if cfg.run.dir:
             path = Path(cfg.run.dir)
-            if path.exists() and any(path.iterdir()):
-                raise ConfigError(f"run.dir {str(path)!r} exists and is not empty; resume it with --resume or "
-                                  "choose another")
         else:
             base = Path(cfg.run.output_dir) / cfg.run.name
             path, n = base, 1
@@ -139,6 +218,52 @@ class RunDir:
             raise ConfigError(f"--resume {str(path)!r}: no config.toml there, so it is not a fedlora run directory")
         return rd
 
+    # ---- resuming ----------------------------------------------------------------------------------
+    def check_resume_config(self, cfg: RunConfig) -> None:
+        """A resumed run may change only what leaves the trained model's shape and data alone (more
+        rounds, the evaluation cadence, the display: ``RESUMABLE_KEYS``); anything else raises
+        ConfigError naming each key, old → new."""
+        diff = settings_diff(load_config(self.path / "config.toml"), cfg, ignore=RESUMABLE_KEYS)
+        if diff:
+            raise ConfigError(f"--resume {str(self.path)!r}: a resumed run keeps the settings it started with; "
+                              f"this changes {format_diff(diff)}. Start a new run for other settings")
+
+    def finished_summary(self, rounds: int) -> dict[str, Any] | None:
+        """summary.json when it says the run completed exactly ``rounds`` rounds, else None."""
+        try:
+            summary = json.loads((self.path / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        done = isinstance(summary, dict) and summary.get("status") == "completed"
+        return summary if done and summary.get("rounds_completed") == rounds else None
+
+    def resume_point(self) -> ResumePoint:
+        """Where the run continues: its checkpoint and the metrics rows of the rounds it covers.
+
+        Reads only. Beyond those rows, metrics.jsonl may hold one row written after the last
+        checkpoint (a kill between the two writes; that round is re-done) and a torn last line;
+        :meth:`cut_metrics` removes both. Anything else (more rows ahead, rows missing for rounds
+        the checkpoint covers, rows with no checkpoint at all) raises ConfigError naming the files:
+        resuming would lose or contradict rows already written."""
+        ckpt = self.load_checkpoint()
+        done = ckpt["round"] if ckpt is not None else 0
+        lines, torn = self._metrics_lines()
+        where = f"{str(self.checkpoint_path)!r} is after round {done}" if ckpt is not None else \
+            f"there is no {str(self.checkpoint_path)!r}"
+        if len(lines) < done:
+            raise ConfigError(f"{str(self.metrics_path)!r} has rows for {len(lines)} rounds but {where}: rows of "
+                              "completed rounds are missing, so a resumed run would not match its metrics")
+        if len(lines) > done + 1:
+            raise ConfigError(f"{str(self.metrics_path)!r} has rows for {len(lines)} rounds but {where}; resuming "
+                              "would re-run and drop rounds already logged. Move the directory aside and start "
+                              "a new run")
+        return ResumePoint(ckpt, lines[:done], redone=done if len(lines) > done else None, torn_line=torn)
+
+    def cut_metrics(self, point: ResumePoint) -> None:
+        """Cut metrics.jsonl back to ``point``'s rows (their bytes as written), if anything follows them."""
+        if point.redone is not None or point.torn_line is not None:
+            atomic_write(self.metrics_path, b"".join(point.lines))
+
     def write_config(self, cfg: RunConfig) -> None:
         atomic_write(self.path / "config.toml", to_toml(cfg))
 
@@ -154,28 +279,38 @@ class RunDir:
             os.fsync(f.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """All complete rows (a torn last line from a killed process is ignored)."""
-        if not self.metrics_path.is_file():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        return rows
+        """Every row, in round order; a torn last line (a process killed mid-write) is left out, a
+        damaged row before it raises ConfigError naming the file and line."""
+        return [json.loads(line) for line in self._metrics_lines()[0]]
 
-    def keep_metrics_before(self, round_index: int) -> list[dict[str, Any]]:
-        """Drop rows of rounds ≥ ``round_index`` (written after the last checkpoint); returns the kept rows."""
-        rows = [r for r in self.read_metrics() if r["round"] < round_index]
-        atomic_write(self.metrics_path, "".join(dumps(r) + "\n" for r in rows))
-        return rows
+    def _metrics_lines(self) -> tuple[list[bytes], int | None]:
+        """The intact rows' lines (bytes, newline included) and the line number of a torn last line
+        (None when the file ends cleanly). Row i must be round i."""
+        if not self.metrics_path.is_file():
+            return [], None
+        lines = self.metrics_path.read_bytes().split(b"\n")
+        ended = lines[-1] == b""  # every complete row ends with a newline
+        if ended:
+            lines.pop()
+        out = []
+        for number, line in enumerate(lines, 1):
+            row = _parse_row(line)
+            if number == len(lines) and (row is None or not ended):
+                return out, number
+            if row is None:
+                raise ConfigError(f"{self.metrics_path}:{number}: not a metrics row (damaged); the rows after it "
+                                  "cannot be trusted. Repair or remove the line by hand")
+            if row["round"] != number - 1:
+                raise ConfigError(f"{self.metrics_path}:{number}: holds round {row['round'] + 1}, expected round "
+                                  f"{number}; the rows are out of order")
+            out.append(line + b"\n")
+        return out, None
 
     # ---- one completed round -----------------------------------------------------------------------
     def commit_round(self, row: Mapping[str, Any], state: GlobalState, personal: Mapping[Any, Adapter | None],
                      base_merged: Mapping[str, Tensor], extra: Mapping[str, Any]) -> None:
-        """Write a round's metrics row, then its checkpoint. Call it inside :func:`sigint_deferred`
-        so that a Ctrl-C cannot leave metrics.jsonl a row ahead of the checkpoint."""
+        """Write a round's metrics row, then its checkpoint. Call it inside :func:`signals_deferred`
+        so that a Ctrl-C or SIGTERM cannot leave metrics.jsonl a row ahead of the checkpoint."""
         self.append_metrics(row)
         self.save_checkpoint(state, personal, base_merged, extra)
 
