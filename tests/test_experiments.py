@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedlora.cli import build_parser
+from fedlora.cli import build_parser, main
 from fedlora.config import load_config
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, FedLoRAError
 from fedlora.experiments import cell_status, expand_grid, parse_grid, parse_seeds
 from fedlora.sim.engine import run
 from sim_tiny import tiny_fixture, tiny_overrides
@@ -21,14 +21,18 @@ tiny = tiny_fixture("experiments", n=120)
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 
 
-def compare(tiny, out: Path, *extra: str, strategies: str = "fedit,fedrot") -> int:
+def compare_argv(tiny, out: Path, *extra: str, strategies: str = "fedit,fedrot") -> list[str]:
+    """The `fedlora compare` command line of the tiny grid (seeds 11, 12; two rounds)."""
     root, model, data = tiny
     # lr 0.05 so the seeds' accuracies differ (the std in the report is then not trivially 0)
     sets = [a for kv in tiny_overrides(root, model, data, train__rounds=2, data__eval_examples=24,
                                        train__local_steps=2, train__lr=0.05) for a in ("--set", kv)]
-    args = build_parser().parse_args(["compare", str(CONFIGS[0].parent / "quickstart.toml"), "--strategies",
-                                      strategies, "--seeds", "11,12", "--output-dir", str(out), "--quiet",
-                                      "--no-report", *sets, *extra])
+    return ["compare", str(CONFIGS[0].parent / "quickstart.toml"), "--strategies", strategies, "--seeds", "11,12",
+            "--output-dir", str(out), "--quiet", "--no-report", *sets, *extra]
+
+
+def compare(tiny, out: Path, *extra: str, strategies: str = "fedit,fedrot") -> int:
+    args = build_parser().parse_args(compare_argv(tiny, out, *extra, strategies=strategies))
     return args.func(args)
 
 
@@ -52,6 +56,8 @@ def test_grid_runs_every_cell_then_skips_them(grid, tiny):
         assert cfg.strategy.name == c.split("/")[1] and cfg.run.seed == int(c.rsplit("-", 1)[1])
     before = mtimes(grid)
     assert compare(tiny, grid) == 0
+    # settings that change no result (threads, the progress display) are the same cells too
+    assert compare(tiny, grid, "--set", "model.threads=1", "--set", "run.progress=true") == 0
     assert mtimes(grid) == before  # nothing re-ran
 
 
@@ -209,8 +215,6 @@ def test_jobs_run_cells_in_parallel_processes_with_the_same_results(grid, tiny, 
 def test_jobs_a_failing_cell_does_not_stop_the_others(tiny, tmp_path):
     """A cell that fails when it starts (a rank above the tiny model's width) is reported with its
     log; the grid's other cells finish."""
-    from fedlora.errors import FedLoRAError
-
     out = tmp_path / "bad"
     with pytest.raises(FedLoRAError, match=r"2 of the grid's cells failed; the first, r-4096 · fedit · seed 11: .*rank 4096 exceeds") as e:
         compare(tiny, out, "--jobs", "2", "--grid", "lora.r=4096,2", strategies="fedit")
@@ -257,3 +261,156 @@ def test_jobs_ctrl_c_keeps_complete_rounds_and_the_grid_resumes(tiny, tmp_path):
     for seed in (11, 12, 13):
         s = json.loads((out / f"default/fedit/seed-{seed}/summary.json").read_text())
         assert s["status"] == "completed" and s["rounds_completed"] == 60
+
+
+# ---- no silent wrong result: cells of other settings, unfinished and unreadable runs ------------------
+
+CELLS = ["default/fedit/seed-11", "default/fedit/seed-12", "default/fedrot/seed-11", "default/fedrot/seed-12"]
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def outside(files: dict[str, bytes], cell: str) -> dict[str, bytes]:
+    return {k: v for k, v in files.items() if not k.startswith(cell + "/")}
+
+
+def accuracies(run_dir: Path) -> list[float]:
+    return [json.loads(x)["eval"]["global"]["accuracy"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rerun_with_another_setting_refuses_and_keeps_the_cells(grid, tiny, tmp_path, capsys):
+    out = tmp_path / "g"
+    shutil.copytree(grid, out)
+    before = files_of(out)
+    assert main(compare_argv(tiny, out, "--set", "train.lr=0.01")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("fedlora: error:")
+    assert "train.lr: 0.05 → 0.01" in err and all(c in err for c in CELLS)
+    assert "--output-dir" in err and "--force" in err and "--grid train.lr=0.01" in err
+    assert files_of(out) == before  # nothing ran, nothing was touched
+
+
+def test_force_reruns_just_the_cells_of_other_settings(grid, tiny, tmp_path):
+    out = tmp_path / "g"
+    shutil.copytree(grid, out)
+    before = files_of(out)
+    cell = "default/fedit/seed-11"
+    # a one-cell grid in the same folder with another lr: its cell is replaced; the other three
+    # folders are no cells of this grid and stay as they are
+    assert main(compare_argv(tiny, out, "--set", "train.lr=0.01", "--seeds", "11", "--force", strategies="fedit")) == 0
+    assert load_config(out / cell / "config.toml").train.lr == 0.01
+    assert json.loads((out / cell / "summary.json").read_text())["status"] == "completed"
+    assert outside(files_of(out), cell) == outside(before, cell)
+    # the grid's own command again: only that cell differs now, only it reruns, to the grid's result
+    assert main(compare_argv(tiny, out, "--force")) == 0
+    assert outside(files_of(out), cell) == outside(before, cell)
+    assert load_config(out / cell / "config.toml").train.lr == 0.05
+    assert accuracies(out / cell) == accuracies(grid / cell)
+    assert sorted(p.name for p in (out / "default" / "fedit").iterdir()) == ["seed-11", "seed-12"]  # no leftovers
+
+
+def report_sections(path: Path) -> dict[str, str]:
+    return {s.split("\n", 1)[0]: s for s in path.read_text().split("\n## ")[1:]}
+
+
+def table_rows(section: str) -> dict[str, list[str]]:
+    """label → the cells of its row, in a summary.md table."""
+    rows = [x for x in section.splitlines() if x.startswith("| ") and not x.startswith(("| strategy", "| run"))]
+    return {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")[1:]] for r in rows}
+
+
+def test_report_tells_runs_of_other_settings_apart(grid, tiny, tmp_path):
+    other = tmp_path / "lr"
+    assert compare(tiny, other, "--set", "train.lr=0.01", "--seeds", "11", strategies="fedit") == 0
+    out = tmp_path / "both"
+    assert main(["report", str(grid), str(other), "--output", str(out)]) == 0
+    rows = table_rows(report_sections(out / "summary.md")["default"])
+    assert set(rows) == {"fedit[train.lr=0.05]", "fedrot[train.lr=0.05]", "fedit[train.lr=0.01]"}
+    assert rows["fedit[train.lr=0.05]"][0] == "11,12" and rows["fedit[train.lr=0.01]"][0] == "11"
+    best = json.loads((other / CELLS[0] / "summary.json").read_text())["best_accuracy"]
+    assert rows["fedit[train.lr=0.01]"][1] == f"{best:.4f} ± {0:.4f}"
+
+
+def _loss(model, batch):
+    import torch
+
+    return torch.nn.functional.cross_entropy(model(**{k: v for k, v in batch.items() if k != "labels"}).logits,
+                                            batch["labels"])
+
+
+def test_report_lists_unfinished_runs_apart_and_does_not_average_them(grid, tmp_path, capsys):
+    from rich.console import Console
+
+    from fedlora.report import compare_runs, print_comparison
+
+    out = tmp_path / "g"
+    shutil.copytree(grid, out)
+    steps = 3 * 2  # a round: 3 clients × 2 local steps
+
+    def rerun(cell: str, loss_fn, *sets: str) -> None:
+        shutil.rmtree(out / cell)
+        cfg = load_config(grid / cell / "config.toml", [f'run.dir="{(out / cell).as_posix()}"', *sets])
+        with pytest.raises((KeyboardInterrupt, FedLoRAError)):
+            run(cfg, loss_fn=loss_fn, log=lambda s: None)
+
+    def interrupt(model, batch, client, calls=[0]):  # noqa: B006 — Ctrl-C in round 2
+        calls[0] += 1
+        if calls[0] > steps:
+            raise KeyboardInterrupt
+        return _loss(model, batch)
+
+    def nan(model, batch, client, calls=[0]):  # noqa: B006 — a NaN loss in round 2
+        calls[0] += 1
+        return _loss(model, batch) * (float("nan") if calls[0] > steps else 1.0)
+
+    rerun("default/fedrot/seed-12", interrupt)
+    rerun("default/fedit/seed-12", nan, "train.fail_fast=true")
+    killed = out / "default/fedit/seed-13"  # killed before it wrote a summary: only its config and round 1
+    shutil.copytree(out / "default/fedit/seed-11", killed)
+    (killed / "summary.json").unlink()
+    assert main(["report", str(out)]) == 0
+    sections = report_sections(out / "summary.md")
+    rows = table_rows(sections["default"])
+    # the failed run's fail_fast is a setting of its own, so every label says it
+    assert set(rows) == {"fedit[train.fail_fast=false]", "fedrot[train.fail_fast=false]"}
+    for strategy in ("fedit", "fedrot"):  # each mean is seed 11 alone
+        best = json.loads((out / f"default/{strategy}/seed-11/summary.json").read_text())["best_accuracy"]
+        assert rows[f"{strategy}[train.fail_fast=false]"][:2] == ["11", f"{best:.4f} ± {0:.4f}"]
+    apart = table_rows(sections["Runs not included"])
+    assert set(apart) == {str(out / c) for c in ("default/fedrot/seed-12", "default/fedit/seed-12", "default/fedit/seed-13")}
+    assert apart[str(out / "default/fedrot/seed-12")] == ["fedrot[train.fail_fast=false]",
+                                                         "interrupted (after 1 of 2 rounds)"]
+    label, why = apart[str(out / "default/fedit/seed-12")]
+    assert label == "fedit[train.fail_fast=true]" and why.startswith("failed: client 0: loss is nan")
+    assert "no summary.json" in apart[str(killed)][1]
+    # the quickstart's table shows the status beside the numbers
+    rows = compare_runs([out / "default/fedrot/seed-11", out / "default/fedrot/seed-12"])
+    assert [r["status"] for r in rows] == ["completed", "interrupted"]
+    capsys.readouterr()
+    print_comparison(rows, Console(width=200))
+    table = capsys.readouterr().out
+    assert "interrupted" in table and "1/2" in table
+
+
+def test_report_names_unreadable_metrics(grid, tmp_path):
+    from fedlora.report import plot_runs
+
+    out = tmp_path / "g"
+    shutil.copytree(grid, out)
+    bad, missing, torn = (out / c / "metrics.jsonl" for c in CELLS[1:])
+    lines = bad.read_text().splitlines(keepends=True)
+    bad.write_text(lines[0][: len(lines[0]) // 2] + "\n" + lines[1])  # line 1 cut short, line 2 whole
+    missing.unlink()
+    torn.write_text(torn.read_text()[:-40])  # the last row torn off mid-line
+    assert main(["report", str(out)]) == 0
+    sections = report_sections(out / "summary.md")
+    apart = table_rows(sections["Runs not included"])
+    assert apart[str(bad.parent)][1] == "metrics.jsonl line 1 is not JSON"
+    assert "metrics.jsonl is missing" in apart[str(missing.parent)][1]
+    assert "metrics.jsonl holds 1 of the 2 rounds" in apart[str(torn.parent)][1]
+    rows = table_rows(sections["default"])
+    assert set(rows) == {"fedit"} and rows["fedit"][0] == "11"  # fedrot has no readable run left
+    with pytest.raises(ConfigError, match="line 1 is not JSON"):
+        plot_runs([bad.parent], tmp_path / "p.png")

@@ -6,20 +6,31 @@ grid), so the same command always maps a cell to the same folder. That stable na
 grid restartable: a cell whose ``summary.json`` says ``completed`` is skipped, and a cell with a
 ``config.toml`` but no completed summary (killed, Ctrl-C, or never reached its last round) is
 resumed from its last checkpoint with the config stored there.
+
+A folder name does not say every setting, so a started cell is reused only when the
+``config.toml`` it stored has the same result settings (:func:`fedlora.config.settings_diff`) as
+the config this command gives it; otherwise the grid refuses before running anything, and
+``--force`` deletes and reruns just those cells.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import RunConfig, load_config, parse_value
+from fedlora.config import RunConfig, format_diff, load_config, parse_value, settings_diff
 from fedlora.errors import ConfigError, FedLoRAError
+
+
+#: the keys each cell sets itself, from --strategies, --seeds and --output-dir: never --grid keys
+CELL_KEYS = ("strategy.name", "run.seed", "run.dir", "run.name")
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,11 @@ class Cell:
     setting: str
     grid: tuple[tuple[str, str], ...]
     run_dir: Path
+
+    @property
+    def name(self) -> str:
+        """``<setting>/<strategy>/seed-<s>``: the cell's folder inside the grid's output folder."""
+        return f"{self.setting}/{self.strategy}/seed-{self.seed}"
 
     def overrides(self) -> list[str]:
         """The ``--set`` overrides that make this cell's config from the base config."""
@@ -60,7 +76,7 @@ def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
         if "=" not in spec:
             raise ConfigError(f"--grid {spec!r}: expected key=v1,v2,…")
         key, values = (s.strip() for s in spec.split("=", 1))
-        if key in ("strategy.name", "run.seed", "run.dir", "run.name"):
+        if key in CELL_KEYS:
             raise ConfigError(f"--grid {spec!r}: {key} is set by --strategies/--seeds/--output-dir")
         if key in dict(out):
             raise ConfigError(f"--grid {spec!r}: {key} is given twice")
@@ -110,11 +126,77 @@ def cell_status(run_dir: Path) -> str:
 
 @dataclass
 class GridResult:
-    """What :func:`run_grid` did: run directories by status (``ran``, ``resumed``, ``skipped``)."""
+    """What :func:`run_grid` did: run directories by status (``ran``, ``resumed``, ``skipped``), and
+    ``replaced``: the cells of other settings that ``force`` deleted (they are in ``ran`` too)."""
 
     ran: list[Path] = field(default_factory=list)
     resumed: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
+    replaced: list[Path] = field(default_factory=list)
+
+
+def stale_cells(cells: Sequence[Cell], configs: dict[Path, RunConfig]) -> list[tuple[Cell, str, list]]:
+    """The started cells (finished or resumable) whose stored ``config.toml`` differs in a result
+    setting from ``configs[cell.run_dir]``, the config this command gives them; each with why, in
+    words, and the difference (:func:`fedlora.config.settings_diff`; empty when the stored config
+    cannot be read)."""
+    out = []
+    for cell in cells:
+        if cell_status(cell.run_dir) == "new":
+            continue
+        try:
+            stored = load_config(cell.run_dir / "config.toml")
+        except FedLoRAError as e:
+            out.append((cell, f"its config.toml cannot be read ({e})", []))
+            continue
+        diff = settings_diff(stored, configs[cell.run_dir])
+        if diff:
+            out.append((cell, format_diff(diff), diff))
+    return out
+
+
+def stale_message(stale: Sequence[tuple[Cell, str, list]]) -> str:
+    """The refusal: which cells, which keys (cells with the same difference on one line), and the
+    ways out."""
+    by_why: dict[str, list[str]] = {}
+    for cell, why, _ in stale:
+        by_why.setdefault(why, []).append(cell.name)
+    out = stale[0][0].run_dir.parents[2]
+    hint = _grid_hint(stale)
+    return "\n".join([
+        f"{out}: {len(stale)} cell(s) of this grid hold runs whose settings are not the ones this command gives them:",
+        *(f"  {', '.join(names)}: {why}" for why, names in by_why.items()),
+        "Nothing was run or changed. To keep those runs, write this grid elsewhere (--output-dir)"
+        + (f" or give the new setting cells of their own ({hint})" if hint else "")
+        + "; to delete just these cells and rerun them with the new settings, add --force."])
+
+
+def _grid_hint(stale: Sequence[tuple[Cell, str, list]]) -> str:
+    """``--grid train.lr=0.01``: the new values of the keys that differ, when each is one plain value
+    (not a list: a --grid value cannot hold commas) and the same in every stale cell."""
+    new: dict[str, set[str]] = {}
+    for cell, _, diff in stale:
+        if not diff:
+            return ""
+        for key, _, value in diff:
+            if key in dict(cell.grid) or key in CELL_KEYS or value is None or isinstance(value, list):
+                return ""
+            new.setdefault(key, set()).add(str(value).lower() if isinstance(value, bool) else str(value))
+    if any(len(v) != 1 or "," in next(iter(v)) for v in new.values()):
+        return ""
+    return " ".join(f"--grid {k}={next(iter(v))}" for k, v in sorted(new.items()))
+
+
+def _replace(cell: Cell, status: str, result: GridResult) -> None:
+    """Delete the run directory of a cell to rerun (status ``replace``: ``--force``) just before its
+    new run starts, so a grid stopped earlier keeps it. It is first renamed to a hidden sibling, so
+    an interrupted delete leaves no half run where the grid or a report would read it."""
+    if status != "replace":
+        return
+    trash = cell.run_dir.with_name(f".{cell.run_dir.name}.replaced-{os.getpid()}")
+    os.rename(cell.run_dir, trash)
+    shutil.rmtree(trash)
+    result.replaced.append(cell.run_dir)
 
 
 def cell_config(config: str | Path | None, cell: Cell, overrides: Sequence[str] = ()) -> RunConfig:
@@ -123,12 +205,15 @@ def cell_config(config: str | Path | None, cell: Cell, overrides: Sequence[str] 
 
 
 def run_grid(config: str | Path | None, cells: Sequence[Cell], overrides: Sequence[str] = (), *,
-             progress: bool | None = None, announce: Callable[[int, int, Cell, str], None] | None = None,
+             force: bool = False, progress: bool | None = None, announce: Callable[[int, int, Cell, str], None] | None = None,
              jobs: int = 1, finished: Callable[[Cell, dict[str, Any] | None, BaseException | None], None] | None = None,
              ) -> GridResult:
-    """Run every cell not yet completed; resume the ones that started. Every new cell's config is
-    checked before the first run starts, so a typo in a grid value fails in seconds, not hours.
-    ``announce(i, n, cell, status)`` is called before each cell (the progress display).
+    """Run every cell not yet completed; resume the ones that started. Every cell's config is
+    checked before the first run starts, so a typo in a grid value fails in seconds, not hours; so is
+    every started cell's stored config: one of other result settings raises ConfigError naming the
+    cells and keys, unless ``force``, which deletes and reruns those cells (and only those).
+    ``announce(i, n, cell, status)`` is called before each cell (the progress display); status is
+    :func:`cell_status`'s, or ``"replace"`` for a cell ``force`` reruns.
 
     With ``jobs`` > 1, that many cells run at once, each in its own process with
     ``cpu_count // jobs`` torch threads (unless the config sets ``model.threads``) and its output in
@@ -137,15 +222,26 @@ def run_grid(config: str | Path | None, cells: Sequence[Cell], overrides: Sequen
     """
     from fedlora.sim.engine import build_strategy
 
-    statuses = [cell_status(c.run_dir) for c in cells]
-    configs = {c.run_dir: cell_config(config, c, overrides) for c, s in zip(cells, statuses) if s == "new"}
+    configs = {c.run_dir: cell_config(config, c, overrides) for c in cells}
     for cfg in configs.values():  # a strategy option another strategy of the grid lacks fails here
         build_strategy(cfg)
+    stale = stale_cells(cells, configs)
+    if stale and not force:
+        raise ConfigError(stale_message(stale))
+    for cell, _, _ in stale:  # --force deletes a cell's own folder, never what a link points to
+        if cell.run_dir.is_symlink() or not cell.run_dir.is_dir():
+            raise ConfigError(f"--force: {cell.run_dir} is a link or not a folder, so not a run directory of this "
+                              "grid; move it away by hand")
+    replace = {cell.run_dir for cell, _, _ in stale}
+    statuses = ["replace" if c.run_dir in replace else cell_status(c.run_dir) for c in cells]
+    # a started cell resumes with its stored config (None here): it has the same result settings
+    configs = {c.run_dir: configs[c.run_dir] for c, s in zip(cells, statuses) if s in ("new", "replace")}
     result = GridResult()
     todo = _announce_and_skip(cells, statuses, announce, result)
     if jobs > 1:
         return _run_parallel(list(todo), configs, jobs, finished, result)
     for _, cell, status in todo:  # lazily: each cell is announced just before it runs
+        _replace(cell, status, result)
         run_cell(configs.get(cell.run_dir), cell.run_dir, progress)
         (result.resumed if status == "resume" else result.ran).append(cell.run_dir)
     return result
@@ -247,6 +343,7 @@ def _run_parallel(todo: Sequence[tuple[int, Cell, str]], configs: dict[Path, Run
                 cfg = configs.get(cell.run_dir)
                 # a config that sets model.threads keeps it; otherwise the cores are shared among the jobs
                 n = 0 if cfg is not None and cfg.model.threads > 0 else threads
+                _replace(cell, status, result)
                 proc = ctx.Process(target=_run_cell, args=(cfg, cell.run_dir, n, cell_log(cell)), daemon=False)
                 proc.start()
                 running[proc] = (i, cell, status)
@@ -282,14 +379,18 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def find_runs(root: str | Path) -> list[dict[str, Any]]:
-    """Every run directory under ``root`` (a folder holding summary.json), with its setting, strategy
-    and seed read from the grid layout ``<setting>/<strategy>/seed-<s>``; a run outside that layout
-    takes its strategy from its summary and its setting from its parent folder."""
+    """Every run directory under ``root`` (a folder holding summary.json or config.toml: a run that
+    has not written its summary yet counts too), with its setting, strategy and seed read from the
+    grid layout ``<setting>/<strategy>/seed-<s>``; a run outside that layout takes its strategy from
+    its summary and its setting from its parent folder. Hidden folders (a cell being deleted by
+    ``compare --force``) are passed over."""
     root = Path(root)
     out = []
-    for summary in sorted(root.rglob("summary.json")):
-        d = summary.parent
+    found = {p.parent for name in ("summary.json", "config.toml") for p in root.rglob(name)}
+    for d in sorted(found):
         rel = d.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
         m = re.fullmatch(r"seed-(-?\d+)", d.name)
         if m and len(rel.parts) >= 2:
             setting = "/".join(rel.parts[:-2]) or "default"

@@ -1,46 +1,107 @@
 """Compare runs: a table of headline numbers and a plot of accuracy and aggregation error per round.
 
-Reads only what runs write (``summary.json``, ``metrics.jsonl``), so it works on finished,
-interrupted and resumed runs alike.
+Reads only what runs write (``config.toml``, ``summary.json``, ``metrics.jsonl``), so it works on
+finished, interrupted and resumed runs alike. A grid report (:func:`grid_report`) puts runs in one
+row only when their configs have the same result settings (seeds apart), labels rows by the
+settings in which they differ, and averages only runs that completed every round with readable
+metrics; the others are listed apart with why.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlora.config import NEUTRAL_KEYS, RunConfig, fingerprint, load_config, result_settings
 from fedlora.errors import ConfigError
+
+#: what one row of a grid report averages over: the seeds, besides the settings that change nothing
+REPORT_IGNORE = NEUTRAL_KEYS | {"run.seed"}
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ConfigError(f"{path}: cannot read the run's summary ({e})") from e
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{path}: cannot read the run's summary (not a JSON object)")
+    return summary
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The rows of a run's metrics.jsonl, and what is wrong with the file, in words (None when
+    nothing is). Every line must be a JSON row, except a torn last line (no newline after it: the
+    writer was killed mid-row), which is left out. A missing file gives no rows and no problem:
+    whether rows were due is for the caller to say."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return [], None
+    try:
+        lines = path.read_text().split("\n")
+    except (OSError, ValueError) as e:
+        return [], f"metrics.jsonl cannot be read ({e})"
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):  # after the last newline: nothing, or a row cut short
+                break
+            return rows, f"metrics.jsonl line {i} is not JSON"
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            return rows, f"metrics.jsonl line {i} is not a round's row"
+        rows.append(row)
+    return rows, None
 
 
 def _read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A run's summary and metrics rows; ConfigError (naming the file and line) when either is unreadable."""
     path = Path(run_dir)
-    try:
-        summary = json.loads((path / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path / 'summary.json'}: cannot read the run's summary ({e})") from e
-    rows = []
-    metrics = path / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+    summary = _read_summary(path)
+    rows, problem = read_metrics(path)
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
     return summary, rows
 
 
+def _check_run(run_dir: Path, rounds: int | None) -> tuple[dict[str, Any] | None, list[dict[str, Any]], str | None]:
+    """A run's summary and metrics rows, and why its numbers cannot be averaged (None when they can):
+    no summary yet, a status other than completed, fewer rounds than it was set to run (``rounds``
+    from its config when the summary does not say), or metrics that are unreadable or do not hold
+    every round the summary counts."""
+    if not (run_dir / "summary.json").is_file():
+        return None, [], "no summary.json: still running, or killed before it wrote one"
+    try:
+        summary = _read_summary(run_dir)
+    except ConfigError as e:
+        return None, [], f"summary.json cannot be read ({e.__cause__ or 'not a JSON object'})"
+    done, total = summary.get("rounds_completed"), summary.get("rounds", rounds)
+    if summary.get("status") != "completed":
+        return summary, [], f"{summary.get('status')} (after {done} of {total} rounds)"
+    if not isinstance(done, int) or done != total:
+        return summary, [], f"completed {done} of {total} rounds"
+    rows, problem = read_metrics(run_dir)
+    if problem is None and [r["round"] for r in rows] != list(range(done)):
+        problem = (f"metrics.jsonl holds {len(rows)} of the {done} rounds summary.json says were completed"
+                   if (run_dir / "metrics.jsonl").is_file() else
+                   f"metrics.jsonl is missing, but summary.json says {done} rounds were completed")
+    return summary, rows, problem
+
+
 def compare_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """One row per run: strategy, best and final global accuracy, final personalised accuracy
-    (weighted), mean relative aggregation error, uploaded MB, rounds and wall time."""
+    """One row per run: strategy, status, best and final global accuracy, final personalised accuracy
+    (weighted), mean relative aggregation error, uploaded MB, rounds completed (and set) and wall time."""
     out = []
     for d in run_dirs:
-        s, _ = _read_run(d)
+        s = _read_summary(Path(d))
         m = s.get("metric", "accuracy")
         out.append({
-            "run": str(d), "strategy": s.get("strategy"),
+            "run": str(d), "strategy": s.get("strategy"), "status": s.get("status"), "rounds_total": s.get("rounds"),
             "best": s.get(f"best_{m}"), "final": s.get(f"final_{m}"),
             "personal": s.get(f"final_personal_{m}_weighted"),
             "agg_error_rel": s.get("mean_agg_error_rel"),
@@ -54,16 +115,21 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def print_comparison(rows: Sequence[dict[str, Any]], console=None) -> None:
-    """Print the comparison as a rich table."""
+    """Print the comparison as a rich table; with a status column when a run did not complete (its
+    numbers are then those of the rounds it completed, ``rounds`` says how many of how many)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("strategy", "best acc", "final acc", "personal", "agg.err", "up MB", "rounds", "s",
-                  title="fedlora comparison")
+    unfinished = any(r.get("status") != "completed" for r in rows)
+    table = Table("strategy", *(["status"] if unfinished else []), "best acc", "final acc", "personal", "agg.err",
+                  "up MB", "rounds", "s", title="fedlora comparison")
     for r in rows:
-        table.add_row(str(r["strategy"]), _fmt(r["best"], ".4f"), _fmt(r["final"], ".4f"), _fmt(r["personal"], ".4f"),
-                      _fmt(r["agg_error_rel"], ".2e"), _fmt(r["up_mb"], ".2f"), _fmt(r["rounds"], "d"),
-                      _fmt(r["wall_s"], ".0f"))
+        rounds = _fmt(r["rounds"], "d")
+        if r.get("rounds_total") not in (None, r["rounds"]):
+            rounds += f"/{r['rounds_total']}"
+        table.add_row(str(r["strategy"]), *([str(r.get("status"))] if unfinished else []), _fmt(r["best"], ".4f"),
+                      _fmt(r["final"], ".4f"), _fmt(r["personal"], ".4f"), _fmt(r["agg_error_rel"], ".2e"),
+                      _fmt(r["up_mb"], ".2f"), rounds, _fmt(r["wall_s"], ".0f"))
     console = console or Console()
     console.print(table)
     console.print("acc: global validation accuracy (best and final round); personal: each client's own model on "
@@ -143,8 +209,13 @@ def run_stats(run_dir: str | Path) -> dict[str, Any]:
     """One run's numbers for the grid table: best (the engine's best over rounds: max for accuracy),
     final and mean-of-last-5 global metric, mean relative aggregation error, mean basis overlap, mean
     FedRot rotation size, best and final personalised metric (weighted; None without a personalised
-    evaluation), bytes (up + down) per round, wall time; and the per-round series behind them."""
-    s, rows = _read_run(run_dir)
+    evaluation), bytes (up + down) per round, wall time; and the per-round series behind them.
+    ConfigError when its summary or metrics cannot be read."""
+    return _stats(*_read_run(run_dir))
+
+
+def _stats(s: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`run_stats` from a run's summary and metrics rows."""
     m = s.get("metric", "accuracy")
     acc = _series(rows, lambda r: r["eval"]["global"][m])
     personal = _series(rows, lambda r: r["eval"]["personal"][f"{m}_weighted"])
@@ -208,43 +279,93 @@ def _band_plot(ax, runs: Sequence[dict[str, Any]], key: str, colors: dict[str, A
     return drew
 
 
-def run_label(run_dir: Path, strategy: str, setting: str) -> str:
-    """The strategy's name, plus the strategy options its config sets that the setting's name does
-    not already say: ``fedsa[rslora=true]`` beside ``fedsa`` in one table, but ``fedrot`` (not
-    ``fedrot[lam=0.2]``) under the setting ``lam-0.2``."""
-    from fedlora.config import load_config
+def run_label(cfg: RunConfig, setting: str, varying: Collection[str] = ()) -> str:
+    """The strategy's name, then in brackets its options, except those the setting's folder name
+    already says (``fedsa[rslora=true]`` beside ``fedsa``, but ``fedrot``, not ``fedrot[lam=0.2]``,
+    under the setting ``lam-0.2``), and every ``varying`` key its config sets
+    (``fedit[train.lr=0.001]``)."""
     from fedlora.experiments import _slug
 
-    try:
-        options = load_config(run_dir / "config.toml").strategy.options
-    except Exception:  # a run without a readable config keeps its plain name
-        return strategy
-    parts = set(setting.split("_"))
-    extra = [f"{k}={_toml_text(v)}" for k, v in sorted(options.items()) if _slug(k, _toml_text(v)) not in parts]
-    return f"{strategy}[{','.join(extra)}]" if extra else strategy
+    named = set(setting.split("_"))
+    extra = []
+    settings = result_settings(cfg, REPORT_IGNORE)
+    for key in sorted(settings, key=lambda k: (not k.startswith("strategy.options."), k)):
+        name, text = key.removeprefix("strategy.options."), _toml_text(settings[key])
+        if key in varying or (name != key and _slug(name, text) not in named):
+            extra.append(f"{name}={text}")
+    return f"{cfg.strategy.name}[{','.join(extra)}]" if extra else cfg.strategy.name
 
 
 def _toml_text(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def _collect(roots: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:
-    """setting → its runs' stats (with seed, run_dir and label), over every root; a setting of the
-    same name in two roots is one setting."""
+def _varying_keys(runs: Sequence[dict[str, Any]]) -> set[str]:
+    """The result settings (seeds and the strategy's name apart) in which runs of one setting folder
+    differ: what the labels must show to tell that folder's rows apart. A key is shown in every
+    label that has it, so a row keeps its label across the folders of a grid."""
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        if r["cfg"] is not None:
+            by_setting.setdefault(r["setting"], []).append(result_settings(r["cfg"], REPORT_IGNORE))
+    out = set()
+    for flats in by_setting.values():
+        out |= {k for k in set().union(*flats) if any(f.get(k) != flats[0].get(k) for f in flats)}
+    return out - {"strategy.name"}
+
+
+def _collect(roots: Sequence[Path]) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """``(settings, apart)`` for the runs under ``roots``. ``settings``: setting folder name → the
+    stats (with seed, run_dir and label) of its runs that can be averaged; a setting of the same name
+    in two roots is one setting, and within it one label is one set of result settings. ``apart``:
+    the other runs (unfinished, failed, unreadable), each with its run_dir, label and ``why``."""
     from fedlora.experiments import find_runs
 
-    settings: dict[str, list[dict[str, Any]]] = {}
+    runs = []
     for root in roots:
         found = find_runs(root)
         if not found:
-            raise ConfigError(f"{str(root)!r}: no run directories (summary.json) under it")
+            raise ConfigError(f"{str(root)!r}: no run directories (summary.json or config.toml) under it")
         for f in found:
-            st = run_stats(f["run_dir"])
-            st.update(seed=f["seed"], run_dir=f["run_dir"])
-            st["strategy"] = f["strategy"] or st["strategy"]
-            st["label"] = run_label(f["run_dir"], st["strategy"], f["setting"])
-            settings.setdefault(f["setting"], []).append(st)
-    return settings
+            d, cfg, why = f["run_dir"], None, None
+            try:
+                cfg = load_config(d / "config.toml")
+            except ConfigError as e:  # its settings are unknown, so it cannot be put in any row
+                why = f"config.toml cannot be read ({e})"
+            summary, rows, problem = _check_run(d, cfg.train.rounds if cfg else None)
+            strategy = cfg.strategy.name if cfg else f["strategy"] or (summary or {}).get("strategy") or "?"
+            runs.append({**f, "cfg": cfg, "strategy": strategy, "why": problem or why,
+                         "stats": None if problem or why else _stats(summary, rows)})
+    varying = _varying_keys(runs)
+    first_fingerprint: dict[tuple[str, str], str] = {}
+    settings: dict[str, list[dict[str, Any]]] = {}
+    apart = []
+    for r in runs:
+        r["label"] = r["strategy"]
+        if r["cfg"] is not None:
+            r["label"] = run_label(r["cfg"], r["setting"], varying)
+            fp = fingerprint(r["cfg"], REPORT_IGNORE)
+            # other settings whose values print alike (the text "1" and the number 1) still get their own row
+            if first_fingerprint.setdefault((r["setting"], r["label"]), fp) != fp:
+                r["label"] += f" #{fp[:8]}"
+        if r["why"]:
+            apart.append(r)
+        else:
+            settings.setdefault(r["setting"], []).append(
+                {**r["stats"], "strategy": r["strategy"], "seed": r["seed"], "run_dir": r["run_dir"], "label": r["label"]})
+    return settings, apart
+
+
+def _apart_section(apart: Sequence[dict[str, Any]]) -> list[str]:
+    """summary.md's list of the runs in no table or plot, each with its folder, label and why."""
+    def cell(text: Any) -> str:  # one markdown table cell, whatever an error message holds
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    return ["## Runs not included", "",
+            "These runs are in no table or plot above: only runs that completed every round they were set to "
+            "run, with readable metrics, are averaged.", "",
+            "| run | setting | why |", "|---|---|---|",
+            *(f"| {cell(r['run_dir'])} | {cell(r['label'])} | {cell(r['why'])} |" for r in apart), ""]
 
 
 def _setting_table(runs: Sequence[dict[str, Any]], labels: Sequence[str]) -> list[str]:
@@ -255,11 +376,9 @@ def _setting_table(runs: Sequence[dict[str, Any]], labels: Sequence[str]) -> lis
     for label in labels:
         mine = [r for r in runs if r["label"] == label]
         seeds = ",".join(str(r["seed"]) for r in mine if r["seed"] is not None) or str(len(mine))
-        unfinished = sum(r["status"] != "completed" for r in mine)
         cells = [_cell(_mean_std([r[k] for r in mine]), spec, 2**-20 if k == "bytes_per_round" else 1.0)
                  for k, _, spec, _ in cols]
-        name = label + (f" ({unfinished} unfinished)" if unfinished else "")
-        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -326,13 +445,16 @@ def _overview(settings: dict[str, list[dict[str, Any]]], out: Path, colors: dict
     return lines
 
 
-def grid_report(root: str | Path | Sequence[str | Path], out: str | Path | None = None) -> Path:
-    """Write ``summary.md`` (one table per setting: mean ± population std over seeds) and one PNG per
-    setting (``plots/<setting>.png``: accuracy, aggregation error on a log scale, basis overlap,
-    rotation size) for every run under ``root`` (one folder, or several merged: settings of the same
-    name become one table); with more than one setting, an overview table of best accuracies, and for
-    a one-key numeric grid (``--grid lora.r=4,64,256``) ``plots/sweep.png``. ``out`` (default: the
-    single root) is where they go; returns the summary path."""
+def grid_report(root: str | Path | Sequence[str | Path], out: str | Path | None = None, *,
+                say: Callable[[str], None] | None = None) -> Path:
+    """Write ``summary.md`` (one table per setting folder, one row per set of result settings: mean ±
+    population std over seeds) and one PNG per setting (``plots/<setting>.png``: accuracy,
+    aggregation error on a log scale, basis overlap, rotation size) for every run under ``root`` (one
+    folder, or several merged: settings of the same name become one table); with more than one
+    setting, an overview table of best accuracies, and for a one-key numeric grid (``--grid
+    lora.r=4,64,256``) ``plots/sweep.png``. Runs that cannot be averaged are listed apart in
+    ``summary.md`` (and counted through ``say``). ``out`` (default: the single root) is where they
+    go; returns the summary path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,7 +469,7 @@ def grid_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
             raise ConfigError(f"report: {len(roots)} folders given; say where the merged report goes (--output)")
         out = roots[0]
     out = Path(out)
-    settings = _collect(roots)
+    settings, apart = _collect(roots)
     labels = list(dict.fromkeys(r["label"] for runs in settings.values() for r in runs))
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
@@ -383,6 +505,10 @@ def grid_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
         slug = setting.replace("/", "__")
         plot = _save_figure(fig, out / "plots" / f"{slug}.png")
         lines += ["", f"![{setting}]({plot.relative_to(out).as_posix()})", ""]
+    if apart:
+        lines += _apart_section(apart)
+        if say:
+            say(f"{len(apart)} run(s) not included (unfinished, failed or unreadable): listed in {out / 'summary.md'}")
     path = out / "summary.md"
     atomic_write(path, "\n".join(lines) + "\n")
     return path

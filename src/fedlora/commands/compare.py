@@ -12,7 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="run a grid: strategies × seeds × --grid values, resumable",
                        description="Run one federated simulation per (setting, strategy, seed) into "
                                    "OUTPUT/<setting>/<strategy>/seed-<s>. Finished runs are skipped and "
-                                   "unfinished ones resumed, so re-running the same command continues the grid.")
+                                   "unfinished ones resumed, so re-running the same command continues the grid. A "
+                                   "started run whose stored config.toml has other settings than this command "
+                                   "gives its cell is never reused: the command refuses, naming the cells and "
+                                   "keys, unless --force.")
     p.add_argument("config", help="TOML config (a preset in configs/)")
     p.add_argument("--strategies", required=True, help="comma-separated, e.g. fedit,fedrot,ffa")
     p.add_argument("--seeds", default="0", help="comma-separated run.seed values (default 0)")
@@ -24,13 +27,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N cells at once, each in its own process with cpu_count/N torch threads and its "
                         "output in OUTPUT/logs/ (default 1: one cell at a time, output on the terminal)")
+    p.add_argument("--force", action="store_true",
+                   help="delete and rerun the grid's cells that were run with other settings (only those; "
+                        "without it such cells stop the command before anything runs)")
     p.add_argument("--no-report", action="store_true", help="do not write summary.md and plots at the end")
     p.add_argument("--quiet", action="store_true", help="no per-round progress bar")
     p.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("report", help="summary.md and plots for a folder of runs (a compare grid)",
                        description="Write DIR/summary.md (one table per setting, mean ± population std over "
-                                   "seeds; an overview of every setting) and DIR/plots/<setting>.png. Several "
+                                   "seeds, one row per set of settings that change results, labelled by the keys in "
+                                   "which they differ; an overview of every setting; the runs not averaged, being "
+                                   "unfinished, failed or unreadable, listed apart) and DIR/plots/<setting>.png. Several "
                                    "folders are merged into one report (settings of the same name become one "
                                    "table) written to --output.")
     r.add_argument("dirs", nargs="+", metavar="dir", help="a folder of run directories, e.g. a `fedlora compare` output")
@@ -56,10 +64,11 @@ def cmd_compare(args) -> int:
     def announce(i, n, cell, status):
         if args.jobs > 1:  # one line per queued cell: the cells' own output goes to logs/
             if status != "done":
-                console.print(f"[bold][{i + 1}/{n}][/] {cell.setting} · {cell.strategy} · seed {cell.seed}: "
-                              f"{'resuming' if status == 'resume' else 'queued'}")
+                what = {"resume": "resuming", "replace": "replacing (--force)"}.get(status, "queued")
+                console.print(f"[bold][{i + 1}/{n}][/] {cell.setting} · {cell.strategy} · seed {cell.seed}: {what}")
             return
-        what = {"done": "[dim]done, skipped[/]", "resume": "[yellow]resuming[/]", "new": "[green]starting[/]"}[status]
+        what = {"done": "[dim]done, skipped[/]", "resume": "[yellow]resuming[/]", "new": "[green]starting[/]",
+                "replace": "[red]replacing (run with other settings; --force)[/]"}[status]
         elapsed = time.perf_counter() - t0
         console.rule(f"[bold][{i + 1}/{n}][/] {cell.setting} · {cell.strategy} · seed {cell.seed} — {what} "
                      f"[dim]({elapsed:.0f} s elapsed)[/]")
@@ -75,17 +84,18 @@ def cmd_compare(args) -> int:
         console.print(f"[green]done[/] {where}: best {m} {best if best is None else format(best, '.4f')}, "
                       f"{summary.get('wall_s', 0):.0f} s [dim]({elapsed:.0f} s elapsed)[/]")
 
-    result = run_grid(args.config, cells, args.overrides, progress=False if args.quiet else None, announce=announce,
-                      jobs=args.jobs, finished=finished)
-    console.print(f"grid {out}: {len(result.ran)} ran, {len(result.resumed)} resumed, {len(result.skipped)} skipped "
-                  f"in {time.perf_counter() - t0:.0f} s")
+    result = run_grid(args.config, cells, args.overrides, force=args.force, progress=False if args.quiet else None,
+                      announce=announce, jobs=args.jobs, finished=finished)
+    replaced = f" ({len(result.replaced)} of them replaced cells of other settings)" if result.replaced else ""
+    console.print(f"grid {out}: {len(result.ran)} ran{replaced}, {len(result.resumed)} resumed, "
+                  f"{len(result.skipped)} skipped in {time.perf_counter() - t0:.0f} s")
     if not args.no_report:
-        console.print(f"report: {grid_report(out)}")
+        console.print(f"report: {grid_report(out, say=console.print)}")
     return 0
 
 
 def cmd_report(args) -> int:
     from fedlora.report import grid_report
 
-    print(f"report: {grid_report(args.dirs, args.output)}")
+    print(f"report: {grid_report(args.dirs, args.output, say=print)}")
     return 0
