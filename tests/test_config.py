@@ -78,7 +78,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_to_toml_round_trips(tmp_path):
-    cfg = load_config(None, ["strategy.options.lam=0.3", "lora.target_modules=[\"q\", \"v\"]",
+    cfg = load_config(None, ["strategy.name=fedrot", "strategy.options.lam=0.3", "lora.target_modules=[\"q\", \"v\"]",
                              "data.columns={\"text pair\" = \"b\"}", "run.name=\"with \\\"quotes\\\"\""])
     path = tmp_path / "r.toml"
     path.write_text(to_toml(cfg))

@@ -147,3 +147,24 @@ def test_catalog_source_sarcasm():
     assert isinstance(dd["train"].features["label"], datasets.ClassLabel)
     assert dd["train"].features["label"].num_classes == 2
     assert isinstance(dd["train"][0]["text"], str)
+
+
+def test_a_bad_row_of_a_validation_file_names_that_file(tmp_path):
+    good = write(tmp_path, "csv", name="train")
+    rows = [dict(r) for r in ROWS[:10]]
+    rows[2]["sentence"] = None
+    bad = write(tmp_path, "csv", rows, name="valid")
+    with pytest.raises(ConfigError, match=rf"data file '{bad}' row 3: column 'sentence' \(the text\) is empty"):
+        load_source("csv", data_files={"train": good, "validation": bad}, columns={"text": "sentence"})
+
+
+def test_compressed_and_parquet_files_are_checked_too(tmp_path):
+    import gzip
+
+    path = tmp_path / "broken.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "a", "label": 0}\n{"text": "b", "label": \n'))
+    with pytest.raises(ConfigError, match=rf"data file '{path}' line 2: not valid JSON"):
+        load_source(str(path))
+    empty = write(tmp_path, "parquet", rows=pd.DataFrame({"sentence": [], "sentiment": []}), name="empty")
+    with pytest.raises(ConfigError, match=rf"data file '{empty}' has no rows"):
+        load_source(empty)

@@ -407,10 +407,10 @@ def test_report_names_unreadable_metrics(grid, tmp_path):
     assert main(["report", str(out)]) == 0
     sections = report_sections(out / "summary.md")
     apart = table_rows(sections["Runs not included"])
-    assert apart[str(bad.parent)][1] == "metrics.jsonl line 1 is not JSON"
+    assert apart[str(bad.parent)][1].startswith(f"{bad}:1: not a metrics row")
     assert "metrics.jsonl is missing" in apart[str(missing.parent)][1]
     assert "metrics.jsonl holds 1 of the 2 rounds" in apart[str(torn.parent)][1]
     rows = table_rows(sections["default"])
     assert set(rows) == {"fedit"} and rows["fedit"][0] == "11"  # fedrot has no readable run left
-    with pytest.raises(ConfigError, match="line 1 is not JSON"):
+    with pytest.raises(ConfigError, match="metrics.jsonl:1: not a metrics row"):
         plot_runs([bad.parent], tmp_path / "p.png")

@@ -8,7 +8,7 @@ def test_neutral_keys_do_not_change_the_fingerprint_and_result_keys_do():
     moved = load_config(None, ["run.name=x", "run.output_dir=elsewhere", "run.progress=false", "model.threads=3"])
     assert fingerprint(base) == fingerprint(moved) and settings_diff(base, moved) == []
     for override, named in [("train.lr=1e-3", "train.lr"), ("lora.r=8", "lora.r"), ("run.seed=1", "run.seed"),
-                             ("strategy.options.lam=0.5", "strategy.options.lam"),
+                             ("strategy.options.weighting=uniform", "strategy.options.weighting"),
                              ('data.columns={text="t"}', "data.columns.text")]:  # tables name their inner key
         other = load_config(None, [override])
         assert fingerprint(other) != fingerprint(base), override

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import tomllib
 import types
 import typing
@@ -116,8 +118,9 @@ class PartitionSection:
     """How the training set is split over clients.
 
     method: ``iid``, ``dirichlet``, ``pathological``, ``natural`` or ``quantity_skew``.
-    num_clients: clients in the federation (``natural`` uses one per column value instead).
-    column: the column partitioned on (default: the label).
+    num_clients: clients in the federation (``natural``: one per distinct value of ``column``, and
+        num_clients must be that count).
+    column: the column partitioned on (default: the label; ``natural`` needs it set).
     alpha: Dirichlet concentration (default 0.5). min_size: smallest partition (default 1).
     labels_per_client: for ``pathological`` (default 2). sizes_sigma: for ``quantity_skew``.
     """
@@ -138,8 +141,9 @@ class TrainSection:
     rounds: federated rounds (default 5).
     clients_per_round: clients sampled per round; 0 uses ``client_fraction`` (default 0).
     client_fraction: share of clients sampled per round when ``clients_per_round`` is 0 (default 1.0).
-    local_steps: optimiser steps per client per round (default 10); ignored if local_epochs > 0.
-    local_epochs: passes over the client's training slice per round (default 0 = use steps).
+    local_steps: optimiser steps per client per round (default 10).
+    local_epochs: passes over the client's training slice per round (default 0 = use steps); when
+        set, local_steps may not be given too.
     batch_size: default 16. optimizer: ``"adamw"`` or ``"sgd"`` (re-created per client per round).
     lr, weight_decay, momentum (SGD only), grad_clip (max global norm; 0 = off).
     schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` over a client's local steps, after
@@ -206,38 +210,78 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> RunConfig:
-        """Range checks that need no model or data; raises ConfigError naming the key."""
+        """Range checks that need no model or data, settings that would override each other, and the
+        strategy's options; raises ConfigError naming the key(s)."""
+        from fedlora.data.partition import METHODS  # numpy only
+        from fedlora.strategies.registry import make_strategy  # torch; every strategy registers on import
+
         checks = [
+            ("run.name", self.run.name != "", "must not be empty"),
+            ("run.seed", self.run.seed >= 0, "must be ≥ 0"),
+            ("model.name", self.model.name != "", "must not be empty"),
+            ("model.threads", self.model.threads >= 0, "must be ≥ 0 (0 = torch's default)"),
             ("lora.r", self.lora.r >= 1, "must be ≥ 1"),
             ("lora.alpha", self.lora.alpha > 0, "must be positive"),
             ("lora.dropout", 0 <= self.lora.dropout < 1, "must be in [0, 1)"),
             ("lora.client_ranks", all(r >= 1 for r in self.lora.client_ranks), "ranks must be ≥ 1"),
             ("model.dtype", self.model.dtype in ("fp32", "bf16"), "must be 'fp32' or 'bf16'"),
             ("model.device", self.model.device in ("auto", "cpu", "cuda"), "must be 'auto', 'cpu' or 'cuda'"),
+            ("data.source", self.data.source != "", "must not be empty"),
             ("data.task", self.data.task in TASK_NAMES, f"must be one of {', '.join(TASK_NAMES)}"),
             ("data.train_examples", self.data.train_examples >= 0, "must be ≥ 0 (0 = all)"),
+            ("data.eval_examples", self.data.eval_examples >= 0, "must be ≥ 0 (0 = all)"),
             ("data.max_length", self.data.max_length >= 2, "must be ≥ 2"),
             ("data.holdout_fraction", 0 <= self.data.holdout_fraction < 1, "must be in [0, 1)"),
             ("data.validation_fraction", 0 < self.data.validation_fraction < 1, "must be in (0, 1)"),
+            ("partition.method", self.partition.method in METHODS, f"must be one of {', '.join(METHODS)}"),
             ("partition.num_clients", self.partition.num_clients >= 1, "must be ≥ 1"),
+            ("partition.alpha", self.partition.alpha > 0, "must be positive"),
+            ("partition.min_size", self.partition.min_size >= 1, "must be ≥ 1"),
+            ("partition.labels_per_client", self.partition.labels_per_client >= 1, "must be ≥ 1"),
+            ("partition.sizes_sigma", self.partition.sizes_sigma >= 0, "must be ≥ 0"),
             ("train.rounds", self.train.rounds >= 1, "must be ≥ 1"),
             ("train.clients_per_round", self.train.clients_per_round >= 0, "must be ≥ 0"),
             ("train.client_fraction", 0 < self.train.client_fraction <= 1, "must be in (0, 1]"),
             ("train.local_steps", self.train.local_steps >= 1 or self.train.local_epochs >= 1,
              "must be ≥ 1 (or set train.local_epochs)"),
+            ("train.local_epochs", self.train.local_epochs >= 0, "must be ≥ 0 (0 = use train.local_steps)"),
             ("train.batch_size", self.train.batch_size >= 1, "must be ≥ 1"),
             ("train.optimizer", self.train.optimizer in ("adamw", "sgd"), "must be 'adamw' or 'sgd'"),
             ("train.lr", self.train.lr > 0, "must be positive"),
+            ("train.weight_decay", self.train.weight_decay >= 0, "must be ≥ 0"),
+            ("train.momentum", self.train.momentum >= 0, "must be ≥ 0"),
             ("train.grad_clip", self.train.grad_clip >= 0, "must be ≥ 0 (0 = off)"),
             ("train.schedule", self.train.schedule in ("constant", "linear", "cosine"),
              "must be 'constant', 'linear' or 'cosine'"),
+            ("train.warmup_steps", self.train.warmup_steps >= 0, "must be ≥ 0"),
+            ("train.round_lr_decay", self.train.round_lr_decay > 0, "must be positive"),
             ("eval.every", self.eval.every >= 1, "must be ≥ 1"),
+            ("eval.client_examples", self.eval.client_examples >= 0, "must be ≥ 0 (0 = all)"),
             ("eval.batch_size", self.eval.batch_size >= 1, "must be ≥ 1"),
         ]
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{key} = {_get(self, key)!r}: {why}")
+        # settings that would silently win over another one
+        if self.train.local_steps != TrainSection.local_steps:
+            _check_steps_or_epochs(self)
+        if self.train.clients_per_round > self.partition.num_clients:
+            # natural partitions too: their client count must equal num_clients (checked when the data loads)
+            raise ConfigError(f"train.clients_per_round = {self.train.clients_per_round} is more than "
+                              f"partition.num_clients = {self.partition.num_clients}; sample at most every client")
+        if self.partition.method == "natural" and not self.partition.column:
+            raise ConfigError("partition.method = 'natural' needs partition.column: the column whose distinct "
+                              "values are the clients (e.g. an author or speaker id)")
+        make_strategy(self.strategy.name, self.strategy.options)
         return self
+
+
+def _check_steps_or_epochs(cfg: RunConfig) -> None:
+    """train.local_epochs > 0 replaces train.local_steps: refuse a config that sets both."""
+    if cfg.train.local_epochs > 0:
+        raise ConfigError(f"train.local_epochs = {cfg.train.local_epochs} and train.local_steps = "
+                          f"{cfg.train.local_steps} are both set, and local_epochs would override local_steps; "
+                          "set only one of them")
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
@@ -273,7 +317,8 @@ def _resolve_set_values(value: Any) -> Any:
 
 
 def coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the type ``tp`` of config key ``key``; ints widen to floats."""
+    """Check ``value`` against the type ``tp`` of config key ``key``; ints widen to floats. A float
+    must be finite and an int must fit 64 bits."""
     if isinstance(value, SetValue):
         text = str(value)
         value = text if tp is str and not text.startswith(('"', "'")) else parse_value(text)
@@ -299,10 +344,18 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         _, vt = typing.get_args(tp)
         return {str(k): coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {value} is out of range (a 64-bit float)") from None
     if tp is type(None) and value is None:
         return None
     if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        # inf, nan and ints beyond 64 bits pass the type but fail later, deep in numpy or torch
+        if tp is float and not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        if tp is int and not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{key}: {value} is out of range (a 64-bit integer)")
         return value
     raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
 
@@ -312,14 +365,19 @@ def _field_types(section_cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
-def _unknown(kind: str, name: str, known: Iterable[str]) -> ConfigError:
+def _unknown(kind: str, name: Any, known: Iterable[str]) -> ConfigError:
+    name = str(name)  # a section or key of a hand-made dict may be anything
     close = difflib.get_close_matches(name, list(known), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return ConfigError(f"unknown config {kind} {name!r}{hint}")
 
 
 def from_dict(data: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """A RunConfig from nested sections (as TOML gives them), on top of ``base`` (default: defaults)."""
+    """A RunConfig from nested sections (as TOML gives them), on top of ``base`` (default: defaults).
+
+    Values are type-checked here; a ``train.local_steps`` given together with ``train.local_epochs``
+    is refused here too, as only the input tells whether local_steps was given (at its default).
+    :meth:`RunConfig.validate` does the range checks."""
     cfg = dataclasses.replace(base) if base is not None else RunConfig()
     out = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
     hints = typing.get_type_hints(RunConfig)
@@ -333,7 +391,10 @@ def from_dict(data: Mapping[str, Any], base: RunConfig | None = None) -> RunConf
             if key not in types_:
                 raise _unknown("key", f"{section}.{key}", [f"{section}.{k}" for k in types_])
             out[section][key] = coerce(f"{section}.{key}", value, types_[key])
-    return RunConfig(**{name: hints[name](**out[name]) for name in SECTIONS})
+    cfg = RunConfig(**{name: hints[name](**out[name]) for name in SECTIONS})
+    if "local_steps" in data.get("train", {}):  # given, even at its default value
+        _check_steps_or_epochs(cfg)
+    return cfg
 
 
 def parse_value(text: str) -> Any:
@@ -370,7 +431,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            line = p.read_bytes()[: e.start].count(b"\n") + 1
+            raise ConfigError(f"config file {str(p)!r} line {line}: not UTF-8 text ({e.reason})") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {str(p)!r}: {e}") from e
     apply_overrides(data, overrides)
@@ -383,7 +447,8 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON's escapes are TOML's too (\\n, \\", \\uXXXX); TOML also wants DEL escaped
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, Mapping):
@@ -399,6 +464,8 @@ def to_toml(cfg: RunConfig) -> str:
     """The resolved config as TOML text that :func:`load_config` reads back to an equal config."""
     lines = []
     for section, values in cfg.to_dict().items():
+        if section == "train" and cfg.train.local_epochs > 0:
+            del values["local_steps"]  # local_epochs replaces it; written, it would read back as a conflict
         lines.append(f"[{section}]")
         lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items()]
         lines.append("")

@@ -35,28 +35,17 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], str | None]:
     """The rows of a run's metrics.jsonl, and what is wrong with the file, in words (None when
-    nothing is). Every line must be a JSON row, except a torn last line (no newline after it: the
-    writer was killed mid-row), which is left out. A missing file gives no rows and no problem:
-    whether rows were due is for the caller to say."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return [], None
+    nothing is), read by the same rules as a resume (:meth:`fedlora.sim.rundir.RunDir.read_metrics`):
+    a torn last line is left out, any other damaged or out-of-order row is a problem naming its
+    line. A missing file gives no rows and no problem: whether rows were due is for the caller."""
+    from fedlora.sim.rundir import RunDir
+
     try:
-        lines = path.read_text().split("\n")
-    except (OSError, ValueError) as e:
+        return RunDir(Path(run_dir)).read_metrics(), None
+    except ConfigError as e:
+        return [], str(e)
+    except OSError as e:
         return [], f"metrics.jsonl cannot be read ({e})"
-    rows = []
-    for i, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines):  # after the last newline: nothing, or a row cut short
-                break
-            return rows, f"metrics.jsonl line {i} is not JSON"
-        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
-            return rows, f"metrics.jsonl line {i} is not a round's row"
-        rows.append(row)
-    return rows, None
 
 
 def _read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -185,7 +185,7 @@ def test_bad_input_is_named():
         get_strategy("fedrot", align="C")
     with pytest.raises(ConfigError, match="unknown strategy 'fedrott'.*fedrot"):
         get_strategy("fedrott")
-    with pytest.raises(ConfigError, match="unexpected keyword"):
+    with pytest.raises(ConfigError, match="unknown option 'lam' of strategy 'fedit'. Its options: weighting"):
         get_strategy("fedit", lam=0.3)
     with pytest.raises(AggregationInputError, match="empty round 0"):
         strategy.aggregate([], state)
