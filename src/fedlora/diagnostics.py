@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fedlora.errors import AggregationInputError
-from fedlora.factors import Adapter, LoRAPair, check_uploads, normalize_weights, product_gram
+from fedlora.factors import Adapter, check_uploads, normalize_weights, product_gram
 from fedlora.strategies.base import ClientContext, ClientUpdate, GlobalState, Strategy, check_round, check_scaling
 
 

@@ -325,14 +325,16 @@ def _collect(roots: Sequence[Path]) -> tuple[dict[str, list[dict[str, Any]]], li
             strategy = cfg.strategy.name if cfg else f["strategy"] or (summary or {}).get("strategy") or "?"
             runs.append({**f, "cfg": cfg, "strategy": strategy, "why": problem or why,
                          "stats": None if problem or why else _stats(summary, rows)})
-    varying = _varying_keys(runs)
+    # the keys that tell the averaged rows apart; a run listed apart may differ in more (e.g. fail_fast)
+    varying_ok = _varying_keys([r for r in runs if not r["why"]])
+    varying_all = _varying_keys(runs)
     first_fingerprint: dict[tuple[str, str], str] = {}
     settings: dict[str, list[dict[str, Any]]] = {}
     apart = []
     for r in runs:
         r["label"] = r["strategy"]
         if r["cfg"] is not None:
-            r["label"] = run_label(r["cfg"], r["setting"], varying)
+            r["label"] = run_label(r["cfg"], r["setting"], varying_all if r["why"] else varying_ok)
             fp = fingerprint(r["cfg"], REPORT_IGNORE)
             # other settings whose values print alike (the text "1" and the number 1) still get their own row
             if first_fingerprint.setdefault((r["setting"], r["label"]), fp) != fp:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 from fedlora.assets.catalog import DATASET, MODEL, is_catalog_dataset, is_catalog_model, suggest

@@ -24,7 +24,6 @@ Questions may have different numbers of choices; missing ones are masked out.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
