@@ -43,6 +43,7 @@ def procrustes(M: Tensor, what: str = "procrustes") -> Tensor:
 
     - Aligning A (min ‖Rᵀ A − A_ref‖_F): M = A·A_refᵀ.
     - Aligning B (min ‖B R − B_ref‖_F): M = Bᵀ·B_ref.
+    - Aligning both at once (min ‖Rᵀ A − A_ref‖² + ‖B R − B_ref‖²): M = A·A_refᵀ + Bᵀ·B_ref.
 
     A non-square or non-finite M raises AggregationInputError naming ``what`` (e.g. the layers).
     """
@@ -82,17 +83,39 @@ def haar_rotation(r: int, generator: torch.Generator | None = None, dtype: torch
     return Q.to(dtype)
 
 
+#: The factors ``alignment_rotation`` can match to their reference; "joint" matches both at once.
+ALIGNABLE = ("A", "B", "joint")
+
+
 def alignment_rotation(pair: LoRAPair, ref: LoRAPair, factor: str, lam: float = 1.0,
                        what: str = "alignment_rotation") -> Tensor:
-    """The (soft) rotation that aligns ``factor`` ("A" or "B") of ``pair`` to ``ref``.
+    """The (soft) rotation that aligns ``factor`` ("A", "B" or "joint") of ``pair`` to ``ref``.
+
+    R* maximises tr(Rᵀ M) over SO(r) (:func:`procrustes`), then is softened by λ
+    (:func:`soft_rotation`). For an orthogonal R, ‖Rᵀ A‖ = ‖A‖ and ‖B R‖ = ‖B‖, so expanding the
+    squares leaves one cross term per factor:
+
+        ‖Rᵀ A − A_ref‖² = ‖A‖² + ‖A_ref‖² − 2 tr(A_refᵀ Rᵀ A) = const − 2 tr(Rᵀ · A A_refᵀ)
+        ‖B R − B_ref‖²  = ‖B‖² + ‖B_ref‖² − 2 tr(B_refᵀ B R)  = const − 2 tr(Rᵀ · Bᵀ B_ref)
+
+    "A" minimises the first (M = A A_refᵀ), "B" the second (M = Bᵀ B_ref), and "joint" their sum,
+    whose cross terms add: M = A A_refᵀ + Bᵀ B_ref, one r×r SVD as for a single factor. In the joint
+    problem each factor weighs in by its size: a small reference factor (B after its zero init)
+    contributes a small term and leaves R to the other.
 
     The factors may carry leading batch dimensions (A: …×r×d_in, B: …×d_out×r): one rotation per
     batch entry, computed with batched linear algebra. Factors that do not match their reference
-    in shape, or that are not finite, raise AggregationInputError naming ``what`` (e.g. the layers).
+    in shape, or that are not finite, raise AggregationInputError naming ``what`` (e.g. the layers);
+    an unknown ``factor`` raises ConfigError.
     """
-    Q, Q_ref = _aligned(pair, ref, factor, what)
+    if factor not in ALIGNABLE:
+        raise ConfigError(f"aligned factor must be one of {ALIGNABLE}, got {factor!r}")
     dt = _work_dtype(pair.A)
-    M = Q.to(dt) @ Q_ref.to(dt).mT if factor == "A" else Q.to(dt).mT @ Q_ref.to(dt)
+    M = 0
+    for part in ("A", "B") if factor == "joint" else (factor,):
+        Q, Q_ref = _aligned(pair, ref, part, what)
+        Q, Q_ref = Q.to(dt), Q_ref.to(dt)
+        M = M + (Q @ Q_ref.mT if part == "A" else Q.mT @ Q_ref)
     return soft_rotation(procrustes(M, what), lam, what)
 
 

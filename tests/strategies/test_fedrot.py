@@ -63,7 +63,8 @@ def dense_relative_error(updates, weights, new_state):
 
 @pytest.mark.parametrize("round", [1, 2, 3, 4])
 @pytest.mark.parametrize("options", [dict(lam=1.0), dict(lam=0.3), dict(align="A"), dict(align="B"),
-                                     dict(gauge="random"), dict(gauge="scalar")])
+                                     dict(align="joint"), dict(align="joint", lam=1.0),
+                                     dict(gauge="random"), dict(gauge="scalar"), dict(align="joint", gauge="random")])
 def test_before_upload_preserves_every_product(round, options):
     strategy = get_strategy("fedrot", **options)
     reference = make_adapter(4, seed=0)
@@ -91,6 +92,50 @@ def test_rotation_is_in_so_r_and_the_schedule_alternates():
             assert info["rotation_size"][name] == pytest.approx(float((R - torch.eye(5, dtype=R.dtype)).norm()), abs=1e-4)
 
 
+def joint_objective(pair, ref):
+    """‖A − A_ref‖² + ‖B − B_ref‖² of an uploaded layer (the objective the joint rotation minimises)."""
+    return float(((pair.A.double() - ref.A.double()) ** 2).sum() + ((pair.B.double() - ref.B.double()) ** 2).sum())
+
+
+@pytest.mark.parametrize("round", [1, 2, 3])
+def test_joint_alignment_every_round_reports_and_minimises_both_factors(round):
+    strategy = get_strategy("fedrot", lam=1.0, align="joint")
+    assert [strategy.aligned_factor(t) for t in range(4)] == [None, "joint", "joint", "joint"]
+    reference, client = make_adapter(5, 0), make_adapter(5, round)
+    ctx = ClientContext(0, round)
+    out, info = strategy.before_upload(client, reference, ctx)
+    singles = {f: get_strategy("fedrot", lam=1.0, align=f).before_upload(client, reference, ctx)[0] for f in "AB"}
+    assert info["aligned"] == "joint" and set(info["rotation_size"]) == set(LAYERS)
+    for name, p in client.layers.items():
+        R = (out.layers[name].A.double() @ torch.linalg.pinv(p.A.double())).T  # A' = Rᵀ A, A of full row rank
+        eye = torch.eye(5, dtype=R.dtype)
+        torch.testing.assert_close(R.T @ R, eye, atol=1e-5, rtol=0)
+        assert float(torch.linalg.det(R)) == pytest.approx(1.0, abs=1e-5)
+        assert info["rotation_size"][name] == pytest.approx(float((R - eye).norm()), abs=1e-4)
+        ref = reference.layers[name]
+        # joint minimises the sum of both mismatches, so neither single-factor alignment does better on it
+        assert joint_objective(out.layers[name], ref) <= min(joint_objective(q.layers[name], ref)
+                                                             for q in singles.values()) + 1e-4
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_joint_alignment_is_secure_aggregation_compatible(lam):
+    # the rotation happens on the client; the server's aggregate is the plain weighted mean of the uploads
+    strategy = get_strategy("fedrot", lam=lam, align="joint")
+    assert strategy.secure_aggregation
+    reference = make_adapter(4, 0)
+    clients = [make_adapter(4, s) for s in (21, 22, 23)]
+    samples = [5, 10, 20]
+    new, updates, infos = run_round(strategy, strategy.init_state(reference), clients, 3, samples=samples)
+    assert all(i["aligned"] == "joint" for i in infos)
+    w = [n / sum(samples) for n in samples]
+    uploaded = [u.adapter.to_state_dict() for u in updates]
+    for key, value in new.adapter.to_state_dict().items():
+        torch.testing.assert_close(value, sum(wk * up[key] for wk, up in zip(w, uploaded)), rtol=1e-6, atol=1e-6)
+    # and the uploads really were rotated (else this would be FedIT)
+    assert not torch.allclose(updates[0].adapter.layers["enc.0.query"].A, clients[0].layers["enc.0.query"].A)
+
+
 def test_round_zero_is_not_aligned():
     out, info = get_strategy("fedrot", lam=1.0).before_upload(make_adapter(4, 1), make_adapter(4, 0), ClientContext(0, 0))
     assert info == {} and torch.equal(out.layers["enc.0.query"].A, make_adapter(4, 1).layers["enc.0.query"].A)
@@ -109,9 +154,10 @@ def test_lambda_zero_is_exactly_fedit(round):
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
-def test_hard_alignment_recovers_the_reference():
+@pytest.mark.parametrize("align", ["alternate", "joint"])
+def test_hard_alignment_recovers_the_reference(align):
     reference = make_adapter(4, 0)
-    strategy = get_strategy("fedrot", lam=1.0)
+    strategy = get_strategy("fedrot", lam=1.0, align=align)
     for t in (1, 2):
         state = strategy.init_state(reference)
         new, updates, _ = run_round(strategy, state, rotated_clients(reference, 3, noise=0.0, seed=t), t)
@@ -122,11 +168,12 @@ def test_hard_alignment_recovers_the_reference():
 
 @pytest.mark.parametrize("round", [1, 2])
 @pytest.mark.parametrize("lam", [1.0, 0.9])
-def test_fedrot_cuts_the_aggregation_error_tenfold(round, lam):
+@pytest.mark.parametrize("align", ["alternate", "joint"])
+def test_fedrot_cuts_the_aggregation_error_tenfold(round, lam, align):
     reference = make_adapter(4, 0)
     clients = rotated_clients(reference, 5, noise=0.02, seed=round)
     errors = {}
-    for name, opts in (("fedit", {}), ("fedrot", {"lam": lam})):
+    for name, opts in (("fedit", {}), ("fedrot", {"lam": lam, "align": align})):
         strategy = get_strategy(name, **opts)
         new, updates, _ = run_round(strategy, strategy.init_state(reference), clients, round)
         errors[name] = dense_relative_error(updates, strategy.weights(updates).tolist(), new)
@@ -183,6 +230,8 @@ def test_bad_input_is_named():
         get_strategy("fedrot", lam=1.5)
     with pytest.raises(ConfigError, match="align="):
         get_strategy("fedrot", align="C")
+    with pytest.raises(ConfigError, match="align='joint' needs gauge='procrustes'"):
+        get_strategy("fedrot", align="joint", gauge="scalar")
     with pytest.raises(ConfigError, match="unknown strategy 'fedrott'.*fedrot"):
         get_strategy("fedrott")
     with pytest.raises(ConfigError, match="unknown option 'lam' of strategy 'fedit'. Its options: weighting"):

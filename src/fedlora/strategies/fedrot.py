@@ -4,11 +4,11 @@ Zhang, Kim, Cha, Vikalo, "FedRot-LoRA: Mitigating Rotational Misalignment in Fed
 arXiv 2602.23638, ICML 2026 (methods-reference §1.2).
 
 Each client, after local training and before upload, re-gauges every adapted layer with a rotation
-R ∈ SO(r): A ← Rᵀ·A, B ← B·R. R is the Procrustes solution that aligns one factor to the previous
-global factor (the reference the client started from), softened by λ. Products B·A are unchanged,
-so is the communication; the server runs plain FedAvg. Because the rotation happens on the client
-against factors it already holds, the server needs only the weighted sum: secure-aggregation
-compatible.
+R ∈ SO(r): A ← Rᵀ·A, B ← B·R. R is the Procrustes solution that aligns one factor (or, with
+``align="joint"``, both at once) to the previous global factors (the reference the client started
+from), softened by λ. Products B·A are unchanged, so is the communication; the server runs plain
+FedAvg. Because the rotation happens on the client against factors it already holds, the server
+needs only the weighted sum: secure-aggregation compatible.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fedlora.factors import Adapter, LoRAPair, check_uploads
 from fedlora.strategies.base import ClientContext, Strategy
 from fedlora.strategies.registry import register
 
-ALIGN_MODES = ("alternate", "A", "B")
+ALIGN_MODES = ("alternate", "A", "B", "joint")
 GAUGES = ("procrustes", "random", "scalar")
 
 
@@ -37,14 +37,18 @@ class FedRot(Strategy):
             FedIT; λ = 1 is hard Procrustes in SO(r).
         align: which factor is matched to its reference. ``"alternate"`` (default): A in odd
             rounds, B in even rounds ≥ 2, as in the authors' code. ``"A"`` or ``"B"``: always that
-            factor (the paper's single-factor ablations).
+            factor (the paper's single-factor ablations). ``"joint"``: every round ≥ 1, one
+            Procrustes problem for both factors, min_{R ∈ SO(r)} ‖Rᵀ A − A_ref‖² + ‖B R − B_ref‖²,
+            solved by the SVD of M = A A_refᵀ + Bᵀ B_ref (not in the paper; derivation in
+            :func:`fedlora.align.alignment_rotation`). Not available with ``gauge="scalar"``.
         gauge: ``"procrustes"`` (default, the method); ``"random"``, a Haar-random rotation per
             layer, client and round (the ablation that collapses); ``"scalar"``, the scalar gauge
             c* = ⟨Q, Q_ref⟩/‖Q‖² (the 1-degree-of-freedom ablation).
         weighting, server_optimizer: as in :class:`Strategy`.
 
     Round 0 is never aligned (the authors' ``state > 0``). Rotations are computed in float32
-    whatever the factor dtype. The client's ``info`` reports ‖R − I‖_F per layer.
+    whatever the factor dtype. The client's ``info`` reports the aligned factor ("A", "B" or
+    "joint") and ‖R − I‖_F per layer.
     """
 
     name = "fedrot"
@@ -56,10 +60,14 @@ class FedRot(Strategy):
             raise ConfigError(f"fedrot align={align!r}; expected one of {ALIGN_MODES}")
         if gauge not in GAUGES:
             raise ConfigError(f"fedrot gauge={gauge!r}; expected one of {GAUGES}")
+        if align == "joint" and gauge == "scalar":
+            # the scalar gauge c* = ⟨Q, Q_ref⟩/‖Q‖² is defined for one factor Q only
+            raise ConfigError("fedrot align='joint' needs gauge='procrustes' or 'random'; the scalar gauge aligns "
+                              "one factor (align='A', 'B' or 'alternate')")
         self.lam, self.align, self.gauge = float(lam), align, gauge
 
     def aligned_factor(self, round: int) -> str | None:
-        """The factor matched to its reference in ``round``; None in round 0."""
+        """The factor matched to its reference in ``round`` ("A", "B", or "joint" for both); None in round 0."""
         if round <= 0:
             return None
         if self.align != "alternate":
