@@ -190,3 +190,8 @@ def test_minilm_refuses_bad_rows_before_training(minilm, capsys, tmp_path, case)
     expected = "row 10: column 'sentence' (the text) is empty" if case == "empty text" else "holds a single class"
     assert expected in err
     assert not list((tmp_path / "runs").glob("*/metrics.jsonl"))  # nothing trained
+
+
+def test_a_fedrot_strength_out_of_range_names_the_option(capsys):
+    assert main(["run", "--set", "strategy.name=fedrot", "--set", "strategy.options.lam=2"]) == 2
+    assert "strategy.options.lam = 2.0" in capsys.readouterr().err

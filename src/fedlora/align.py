@@ -68,7 +68,7 @@ def soft_rotation(R_star: Tensor, lam: float, what: str = "soft_rotation") -> Te
 def check_lambda(lam: float) -> None:
     """Raise ConfigError unless ``lam`` is a number in [0, 1]."""
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
-        raise ConfigError(f"fedrot strength lambda={lam!r} is outside [0, 1] (or not a number)")
+        raise ConfigError(f"strategy.options.lam = {lam!r}: FedRot's strength λ must be a number in [0, 1]")
 
 
 def haar_rotation(r: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
