@@ -49,6 +49,9 @@ class RoundDiagnostics:
             ``basis_overlap_pairs`` counts the pairs used.
         rotation_size_mean, rotation_size_max: ‖R − I‖_F over (client, layer) from FedRot's
             ``info["rotation_size"]``; None when no client reported one (and left out of ``to_dict``).
+        aligned: the factor FedRot matched to its reference this round, from the clients'
+            ``info["aligned"]`` ("A", "B" or "joint"), so a report can split rounds by it; None when
+            no client aligned anything (round 0, other strategies; left out of ``to_dict``).
         personalised: the caller's flag that the strategy keeps personal factors (FedSA, SFed), so
             the "global" adapter is not the model every client uses; the error is still ΔW* − ΔW_g.
     per_layer: layer → {"agg_error", "agg_error_rel", "ideal_norm", "global_norm", "basis_overlap"}.
@@ -66,6 +69,7 @@ class RoundDiagnostics:
     basis_overlap_pairs: int
     rotation_size_mean: float | None = None
     rotation_size_max: float | None = None
+    aligned: str | None = None
     personalised: bool = False
     per_layer: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
@@ -87,6 +91,8 @@ class RoundDiagnostics:
         if self.rotation_size_mean is not None:
             out["rotation_size_mean"] = self.rotation_size_mean
             out["rotation_size_max"] = self.rotation_size_max
+        if self.aligned is not None:
+            out["aligned"] = self.aligned
         if per_layer:
             out["per_layer"] = {name: dict(vals) for name, vals in self.per_layer.items()}
         return out
@@ -223,6 +229,7 @@ def round_diagnostics(updates: Sequence[ClientUpdate], weights: Sequence[float] 
         basis_overlap_pairs=len(overlaps),
         rotation_size_mean=_mean(rot),
         rotation_size_max=max(rot) if rot else None,
+        aligned=aligned_factor(updates),
         personalised=personalised,
         per_layer=per_layer,
     )
@@ -250,6 +257,25 @@ def rotation_sizes(updates: Sequence[ClientUpdate]) -> list[float]:
             raise AggregationInputError(f"client {u.client_id}: info['rotation_size'] holds a value that is not a "
                                         f"number ({e})") from e
     return sizes
+
+
+def aligned_factor(updates: Sequence[ClientUpdate]) -> str | None:
+    """The factor the round's clients aligned, from ``info["aligned"]`` (FedRot: "A", "B" or "joint");
+    None when none reported one. Every client of a round runs the same schedule, so clients that
+    disagree (or some that report a factor and some that do not) mean mixed uploads: refused, naming
+    the clients of each answer."""
+    by_value: dict[str | None, list[str]] = {}
+    for u in updates:
+        value = u.info.get("aligned") if u.info else None
+        if value is not None and not isinstance(value, str):
+            raise AggregationInputError(f"client {u.client_id}: info['aligned'] must be a factor name, got "
+                                        f"{type(value).__name__}")
+        by_value.setdefault(value, []).append(str(u.client_id))
+    if len(by_value) > 1:
+        said = "; ".join(f"{value if value is not None else 'nothing'} by client(s) {', '.join(ids)}"
+                         for value, ids in by_value.items())
+        raise AggregationInputError(f"the round's clients disagree on the aligned factor: {said}")
+    return next(iter(by_value), None)
 
 
 def communication_bytes(strategy: Strategy, start_state: GlobalState,

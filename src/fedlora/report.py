@@ -343,7 +343,8 @@ def _collect(roots: Sequence[Path]) -> tuple[dict[str, list[dict[str, Any]]], li
             apart.append(r)
         else:
             settings.setdefault(r["setting"], []).append(
-                {**r["stats"], "strategy": r["strategy"], "seed": r["seed"], "run_dir": r["run_dir"], "label": r["label"]})
+                {**r["stats"], "strategy": r["strategy"], "seed": r["seed"], "run_dir": r["run_dir"], "label": r["label"],
+                 "cfg": r["cfg"]})
     return settings, apart
 
 
@@ -496,6 +497,9 @@ def grid_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
         slug = setting.replace("/", "__")
         plot = _save_figure(fig, out / "plots" / f"{slug}.png")
         lines += ["", f"![{setting}]({plot.relative_to(out).as_posix()})", ""]
+    from fedlora.alignment_report import alignment_section  # here: it imports this module
+
+    lines += alignment_section(settings, out)  # FedRot's rounds split by the aligned factor; none without fedrot
     if apart:
         lines += _apart_section(apart)
         if say:
