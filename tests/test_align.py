@@ -77,7 +77,7 @@ def test_soft_rotation_endpoints():
     assert torch.equal(soft_rotation(R_star, 0.0), torch.eye(5))
     assert torch.equal(soft_rotation(R_star, 1.0), R_star)
     for bad in (-0.1, 1.5):
-        with pytest.raises(ConfigError, match="outside"):
+        with pytest.raises(ConfigError, match=r"must be a number in \[0, 1\]"):
             soft_rotation(R_star, bad)
 
 

@@ -226,7 +226,7 @@ def test_bad_input_is_named():
     strategy = get_strategy("fedrot")
     reference = make_adapter(3, 0)
     state = strategy.init_state(reference)
-    with pytest.raises(ConfigError, match="lambda=1.5 is outside"):
+    with pytest.raises(ConfigError, match=r"strategy\.options\.lam = 1\.5: FedRot.s strength λ must be a number in \[0, 1\]"):
         get_strategy("fedrot", lam=1.5)
     with pytest.raises(ConfigError, match="align="):
         get_strategy("fedrot", align="C")
