@@ -50,9 +50,9 @@ from fedlora.assets import resolve_model  # noqa: E402
 from fedlora.data import load_source  # noqa: E402
 from fedlora.data.partition import partition  # noqa: E402
 from fedlora.factors import Adapter, LoRAPair  # noqa: E402
-from fedlora.sim.model import SharedModel, load_tokenizer  # noqa: E402
-from fedlora.sim.rundir import atomic_write  # noqa: E402
-from fedlora.sim.tasks import get_task  # noqa: E402
+from fedlora.runtime.model import SharedModel, load_tokenizer  # noqa: E402
+from fedlora.files import atomic_write  # noqa: E402
+from fedlora.tasks import get_task  # noqa: E402
 
 ALIGNS = ("A", "B", "joint")
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlora.sim.rundir import atomic_write
+from fedlora.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 

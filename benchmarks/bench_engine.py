@@ -53,7 +53,7 @@ def bare_round(fed, cfg, t: int) -> float:
     import torch
 
     from fedlora.sim import client as C
-    from fedlora.sim.engine import sample_clients
+    from fedlora.runtime.federation import sample_clients
 
     model = fed.shared.model  # an identically wrapped PEFT model; the bare loop never moves adapters
     params = fed.shared.set_trainable(frozenset({"A", "B"}), True)
@@ -80,8 +80,9 @@ def overhead(args) -> dict:
     same machine load. A row's ``wall_s`` ends before that round's checkpoint is written, so the
     checkpoint writes are timed and added to the engine's side."""
     from fedlora.config import load_config
-    from fedlora.sim.engine import prepare, run
-    from fedlora.sim.rundir import RunDir
+    from fedlora.runtime.federation import prepare
+    from fedlora.sim import run
+    from fedlora.runtime.rundir import RunDir
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, overrides(args, out, **{"strategy.name": f'"{args.strategy}"'}))
@@ -128,8 +129,8 @@ def current_rss_mib() -> float:
 def rss_child(args) -> None:
     """One run in this process; prints its peak RSS (MiB) and the personal-state bytes as JSON."""
     from fedlora.config import load_config
-    from fedlora.sim.rundir import RunDir
-    from fedlora.sim.engine import run
+    from fedlora.runtime.rundir import RunDir
+    from fedlora.sim import run
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, overrides(args, out, **{
@@ -140,9 +141,9 @@ def rss_child(args) -> None:
             "lora.r": str(args.rss_rank), "lora.alpha": str(2.0 * args.rss_rank)}))
         # the peak while loading the model and data is the same for any N; reset the high-water mark
         # (Linux: write 5 to /proc/self/clear_refs) when the rounds start, to see what the rounds add
-        from fedlora.sim import engine
+        from fedlora.runtime import records
 
-        enter = engine.Display.__enter__
+        enter = records.Display.__enter__
 
         def reset_then_enter(self):
             with open("/proc/self/clear_refs", "w") as f:
@@ -151,7 +152,7 @@ def rss_child(args) -> None:
             return enter(self)
 
         rss_before_rounds: list[float] = []
-        engine.Display.__enter__ = reset_then_enter
+        records.Display.__enter__ = reset_then_enter
         summary = run(cfg, log=lambda s: None)
         rss_now = current_rss_mib()
         rounds_peak = status_mib("VmHWM")
@@ -207,7 +208,7 @@ def main() -> None:
         result["overhead"] = overhead(args)
     if not args.skip_memory:
         result["memory"] = memory(args)
-    from fedlora.sim.rundir import atomic_write
+    from fedlora.files import atomic_write
 
     atomic_write(Path(args.out), json.dumps(result, indent=2) + "\n")
 

@@ -34,7 +34,7 @@ RUNNER = textwrap.dedent("""
     mode, cfg_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
     cfg = load_config(cfg_path)
     if mode == "embedded":
-        from fedlora.sim.engine import run
+        from fedlora.sim import run
         torch.manual_seed(cfg.run.seed)
         run(cfg, progress=False, log=lambda s: None)
     elif mode == "flower-sim":
@@ -138,7 +138,7 @@ def main() -> None:
     info = {"model": args.model or "tiny random BERT (2 layers, hidden 64)", "clients": args.clients,
             "rounds": args.rounds, "local_steps": args.local_steps, "strategy": args.strategy,
             "cpus": os.cpu_count(), "results": results}
-    from fedlora.sim.rundir import atomic_write
+    from fedlora.files import atomic_write
 
     atomic_write(Path(args.out), json.dumps(info, indent=2))
     print(f"\n{info['model']}, {args.clients} clients, {args.rounds} rounds × {args.local_steps} local steps, "

@@ -43,7 +43,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fedlora.diagnostics import round_diagnostics  # noqa: E402
-from fedlora.sim.rundir import atomic_write  # noqa: E402
+from fedlora.files import atomic_write  # noqa: E402
 from fedlora.factors import Adapter, LoRAPair, factored_aggregate  # noqa: E402
 from fedlora.strategies import ClientContext, ClientUpdate, get_strategy, strategy_names  # noqa: E402
 

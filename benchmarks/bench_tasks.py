@@ -50,8 +50,8 @@ def cell(impl: str, dtype: str, seq: int, batch: int, warmup: int, steps: int, t
     from fedlora import assets
     from fedlora.config import TrainSection
     from fedlora.sim import client as C
-    from fedlora.sim.model import SharedModel, autocast_for
-    from fedlora.sim.task_causal import CausalLMTask
+    from fedlora.runtime.model import SharedModel, autocast_for
+    from fedlora.tasks.causal import CausalLMTask
 
     torch.set_num_threads(threads)
     device = torch.device("cpu")
@@ -144,7 +144,7 @@ def main() -> None:
                        "warmup": args.warmup, "steps": args.steps, "machine": platform.processor() or platform.machine(),
                        "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "torch": torch.__version__,
                        "transformers": transformers.__version__, "total_s": time.perf_counter() - t0}}
-    from fedlora.sim.rundir import atomic_write
+    from fedlora.files import atomic_write
 
     atomic_write(Path(args.out), json.dumps(result, indent=2) + "\n")
     print(f"\n| precision | batch × seq | bare s/step | fedlora s/step | ratio | bare peak RSS | fedlora peak RSS |")

@@ -7,8 +7,8 @@ import torch
 
 from fedlora.config import load_config
 from fedlora.factors import Adapter
-from fedlora.sim.engine import run
-from fedlora.sim.rundir import RunDir
+from fedlora.sim import run
+from fedlora.runtime.rundir import RunDir
 from sim_tiny import make_tiny_model, make_toy_data, tiny_overrides
 
 
@@ -23,10 +23,11 @@ def tiny(tmp_path_factory):
 
 
 def cfg_for(tiny, name, **extra):
-    """A tiny 3-client, 2-round config on CPU without personalised evaluation; ``extra`` as tiny_overrides."""
+    """A tiny 3-client, 2-round config on CPU, by default without personalised evaluation; ``extra`` as
+    tiny_overrides (and may replace those defaults)."""
     root, model, data = tiny
-    return load_config(None, tiny_overrides(root / "runs", model, data, run__name=f'"{name}"',
-                                            eval__personalised="false", model__device='"cpu"', **extra))
+    return load_config(None, tiny_overrides(root / "runs", model, data, **{
+        "run__name": f'"{name}"', "eval__personalised": "false", "model__device": '"cpu"', **extra}))
 
 
 def engine_run(cfg, loss_fn=None):

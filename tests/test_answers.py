@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.sim.answers import exact_match, extract_number, normalize_number
+from fedlora.tasks.answers import exact_match, extract_number, normalize_number
 
 CASES = [
     ("The answer is 42.", "42"),  # a closing period is no decimal point

@@ -297,6 +297,19 @@ def test_personalised_flag():
     assert flagged.agg_error == round_diagnostics(updates, w, state).agg_error  # same formula either way
 
 
+def test_every_strategy_declares_whether_its_clients_keep_a_personal_state():
+    """The declared ``personalised`` flag agrees with what ``personal_state`` returns, for every
+    registered strategy (the engines and the diagnostics read the flag, never the method)."""
+    from fedlora.strategies.registry import strategy_names
+
+    g = torch.Generator().manual_seed(3)
+    for name in strategy_names():
+        strategy = get_strategy(name)
+        kept = strategy.personal_state(rand_adapter([(8, 6)], [2], g, dtype=torch.float32))
+        assert strategy.personalised == (kept is not None), name
+    assert {n for n in strategy_names() if get_strategy(n).personalised} == {"fedsa", "sfed"}
+
+
 def test_live_factors_are_not_tracked():
     g = torch.Generator().manual_seed(12)
     updates, w, state = random_round(g, [(8, 6)], [[2], [3]], [2], None, [1, 1])

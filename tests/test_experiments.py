@@ -14,7 +14,7 @@ from fedlora.cli import build_parser, main
 from fedlora.config import load_config
 from fedlora.errors import ConfigError, FedLoRAError
 from fedlora.experiments import cell_status, expand_grid, parse_grid, parse_seeds
-from fedlora.sim.engine import run
+from fedlora.sim import run
 from sim_tiny import tiny_fixture, tiny_overrides
 
 tiny = tiny_fixture("experiments", n=120)

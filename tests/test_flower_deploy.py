@@ -16,8 +16,8 @@ pytest.importorskip("flwr")
 from fedlora.config import load_config, to_toml  # noqa: E402
 from fedlora.flower.cli import write_app  # noqa: E402
 from fedlora.flower.deploy import LocalDeployment, _alive  # noqa: E402
-from fedlora.sim.engine import run  # noqa: E402
-from fedlora.sim.rundir import RunDir  # noqa: E402
+from fedlora.sim import run  # noqa: E402
+from fedlora.runtime.rundir import RunDir  # noqa: E402
 from sim_tiny import make_tiny_model, make_toy_data, tiny_overrides  # noqa: E402
 
 pytestmark = pytest.mark.slow

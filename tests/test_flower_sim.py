@@ -11,7 +11,7 @@ pytest.importorskip("ray")
 
 from fedlora.flower.cli import run_sim  # noqa: E402
 from fedlora.flower.serverapp import FlowerOptions  # noqa: E402
-from fedlora.sim.engine import prepare  # noqa: E402
+from fedlora.runtime.federation import prepare  # noqa: E402
 from flower_common import assert_close_adapters, cfg_for, engine_run, tiny  # noqa: E402,F401
 
 pytestmark = pytest.mark.slow

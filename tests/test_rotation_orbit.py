@@ -39,8 +39,8 @@ def lora_grads():
     except AssetError as e:  # no registry and no cache: nothing real to run on
         pytest.skip(f"catalog assets unavailable: {e}")
     from fedlora.data import load_source
-    from fedlora.sim.model import SharedModel, load_tokenizer
-    from fedlora.sim.tasks import get_task
+    from fedlora.runtime.model import SharedModel, load_tokenizer
+    from fedlora.tasks import get_task
 
     torch.manual_seed(0)  # PEFT's lora_A init and the classifier head
     rows = load_source("sarcasm")["train"].select(range(BATCH))

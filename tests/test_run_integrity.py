@@ -17,7 +17,7 @@ import torch
 
 from fedlora.cli import main
 from fedlora.config import load_config
-from fedlora.sim.engine import run
+from engines import engine  # noqa: F401  (the fixture)
 from sim_tiny import tiny_fixture, tiny_overrides
 
 tiny = tiny_fixture("integrity")
@@ -68,7 +68,24 @@ def test_a_run_whose_clients_all_fail_ends_failed_naming_the_first_error(tiny, t
     assert not (run_dir / "metrics.jsonl").exists()  # no round completed, so none is logged
 
 
-def test_a_partly_failed_run_counts_its_failed_clients_in_the_last_line_and_summary(tiny, tmp_path):
+def test_a_round_whose_clients_all_fail_fails_the_run_on_either_transport(tiny, tmp_path, engine):
+    """The same rule through the API, in process and over Flower messages: RoundFailedError naming the
+    first error, summary status "failed: …", every failed client counted, no row logged."""
+    from fedlora.errors import RoundFailedError
+
+    root, model, data = tiny
+    cfg = load_config(None, tiny_overrides(root / "runs", model, data, run__dir=f'"{tmp_path / "nan"}"',
+                                           train__lr="1e30", train__grad_clip="0"))
+    with pytest.raises(RoundFailedError, match=r"round 1: every sampled client failed \(3 of 3\); the first: "
+                                               r"client 0: loss is nan"):
+        engine(cfg, log=lambda s: None)
+    summary = summary_of(tmp_path / "nan")
+    assert summary["status"].startswith("failed: round 1: every sampled client failed")
+    assert summary["rounds_completed"] == 0 and summary["failed_client_rounds"] == 3
+    assert not (tmp_path / "nan" / "metrics.jsonl").exists()
+
+
+def test_a_partly_failed_run_counts_its_failed_clients_in_the_last_line_and_summary(tiny, tmp_path, engine):
     def client_1_fails(model, batch, client):  # the task's loss, NaN for client 1
         loss = torch.nn.functional.cross_entropy(
             model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
@@ -77,7 +94,7 @@ def test_a_partly_failed_run_counts_its_failed_clients_in_the_last_line_and_summ
     root, model, data = tiny
     lines: list[str] = []
     cfg = load_config(None, tiny_overrides(root / "runs", model, data, run__dir=f'"{tmp_path / "partial"}"'))
-    summary = run(cfg, loss_fn=client_1_fails, log=lines.append)
+    summary = engine(cfg, loss_fn=client_1_fails, log=lines.append)
     assert summary["status"] == "completed" and summary["failed_client_rounds"] == 2
     assert summary["first_failure"] == "round 1, client 1: loss is nan at local step 0"
     assert summary_of(tmp_path / "partial")["first_failure"] == summary["first_failure"]

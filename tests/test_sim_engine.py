@@ -11,9 +11,11 @@ import torch
 from fedlora.config import load_config
 from fedlora.errors import ConfigError, FedLoRAError
 from fedlora.factors import Adapter, LoRAPair
-from fedlora.sim.client import ClientTrainingError, batch_order, lr_factor
-from fedlora.sim.engine import prepare, run, sample_clients
-from fedlora.sim.model import load_run_model
+from fedlora.runtime.training import ClientTrainingError, batch_order, lr_factor
+from fedlora.runtime.federation import prepare, sample_clients
+from engines import engine  # noqa: F401  (the fixture)
+from fedlora.sim import run
+from fedlora.runtime.model import load_run_model
 from sim_tiny import tiny_fixture, tiny_overrides
 
 
@@ -245,13 +247,13 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tiny, tmp_path):
     assert [json.loads(line)["round"] for line in open(run_dir / "metrics.jsonl")] == list(range(done + 1))
 
 
-def test_ctrl_c_between_the_metrics_row_and_the_checkpoint_keeps_them_in_step(tiny, tmp_path, monkeypatch):
+def test_ctrl_c_between_the_metrics_row_and_the_checkpoint_keeps_them_in_step(tiny, tmp_path, monkeypatch, engine):
     """The window CI once hit: SIGINT after round 2's metrics row is on disk but before its checkpoint.
     The interrupt waits until the checkpoint is written, so summary, metrics and checkpoint agree."""
     import os
     import signal
 
-    from fedlora.sim.rundir import RunDir
+    from fedlora.runtime.rundir import RunDir
 
     save = RunDir.save_checkpoint
 
@@ -263,7 +265,7 @@ def test_ctrl_c_between_the_metrics_row_and_the_checkpoint_keeps_them_in_step(ti
     monkeypatch.setattr(RunDir, "save_checkpoint", save_after_a_sigint)
     cfg = cfg_for(tiny, "sigint-window", train__rounds=5, run__dir=f'"{tmp_path / "run"}"')
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, log=lambda s: None)
+        engine(cfg, log=lambda s: None)
     d = RunDir.open(tmp_path / "run")
     summary = json.load(open(d.path / "summary.json"))
     assert summary["status"] == "interrupted" and summary["rounds_completed"] == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedlora.config import load_config
-from fedlora.sim.engine import run
+from fedlora.sim import run
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from fedlora.config import load_config
-from fedlora.sim.engine import run
+from fedlora.sim import run
 from fedlora.strategies import REGISTRY, strategy_names
 from sim_tiny import tiny_fixture, tiny_overrides
 

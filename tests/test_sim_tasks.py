@@ -12,9 +12,9 @@ import torch
 from fedlora.config import load_config
 from fedlora.data import load_source
 from fedlora.errors import ConfigError
-from fedlora.sim.engine import run
-from fedlora.sim.task_choice import choice_fields, clean_hellaswag
-from fedlora.sim.tasks import get_task
+from fedlora.sim import run
+from fedlora.tasks import get_task
+from fedlora.tasks.choice import choice_fields, clean_hellaswag
 from sim_tiny import make_tiny_model, tiny_overrides
 from task_tiny import make_tiny_llama, make_toy_choice, make_toy_math
 
@@ -88,7 +88,7 @@ def test_decoder_choice_loss_options(tiny):
 def test_encoder_choice_head_is_trained_and_federated(tiny):
     """AutoModelForMultipleChoice under PEFT SEQ_CLS: the head is a modules_to_save extra and lands
     in the adapter state dict; the logits are one per choice and missing choices are masked."""
-    from fedlora.sim.model import SharedModel
+    from fedlora.runtime.model import SharedModel
 
     root, _, bert, _, choice = tiny
     task = task_for("multiple_choice", bert)
@@ -252,8 +252,8 @@ def test_every_task_type_runs_two_rounds(tiny, case, strategy):
     assert any(".lora_A." in k for k in keys)
     assert any("classifier" in k for k in keys) == (case == "choice-encoder")
     if strategy == "fedit":  # the saved run loads back (its task's model class) and reproduces the last eval
-        from fedlora.sim.engine import prepare
-        from fedlora.sim.model import load_run_model
+        from fedlora.runtime.federation import prepare
+        from fedlora.runtime.model import load_run_model
 
         fed = prepare(cfg, log=lambda s: None)
         again = fed.task.evaluate(load_run_model(summary["run_dir"]), fed.validation, fed.eval_indices, 32, CPU)

@@ -27,9 +27,9 @@ def test_smollm2_learns_gsm_symbolic_answers(cache):
 
     from fedlora import assets
     from fedlora.config import TrainSection
-    from fedlora.sim.client import local_train
-    from fedlora.sim.model import SharedModel, autocast_for
-    from fedlora.sim.task_causal import CausalLMTask
+    from fedlora.runtime.training import local_train
+    from fedlora.runtime.model import SharedModel, autocast_for
+    from fedlora.tasks.causal import CausalLMTask
 
     path = str(assets.model_path("smollm2-135m"))
     task = CausalLMTask(AutoTokenizer.from_pretrained(path), 96, max_new_tokens=12, generate_examples=2)
@@ -56,7 +56,7 @@ def test_minilm_runs_quartz_through_the_engine(cache):
     from safetensors.torch import load_file
 
     from fedlora.config import load_config
-    from fedlora.sim.engine import run
+    from fedlora.sim import run
 
     cfg = load_config(None, [
         'model.name="minilm"', 'data.source="quartz"', 'data.task="multiple_choice"', "data.max_length=64",

@@ -48,7 +48,7 @@ def label_prior_baseline(run_dir: Path) -> dict[str, float]:
     client's own majority label, weighted by slice size. A model that learned only the label mix
     scores this."""
     from fedlora.config import load_config
-    from fedlora.sim.engine import prepare
+    from fedlora.runtime.federation import prepare
 
     cfg = load_config(Path(run_dir) / "config.toml")
     fed = prepare(cfg, lambda s: None)

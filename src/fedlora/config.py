@@ -25,9 +25,6 @@ from typing import Any
 
 from fedlora.errors import ConfigError
 
-#: the task types of ``data.task`` (``fedlora.sim.tasks.get_task`` builds them)
-TASK_NAMES = ("classification", "multiple_choice", "causal_lm")
-
 
 @dataclass
 class RunSection:
@@ -90,10 +87,11 @@ class DataSection:
     source: a catalog dataset name (``sarcasm``), a hub name or ``"json"``/``"csv"`` with data_files.
     data_files: local files for ``json``/``csv`` sources.
     columns: maps the task's fields to the source's columns, e.g. {text = "headline", label = "y"}.
-    task: ``"classification"``, ``"multiple_choice"`` or ``"causal_lm"``.
+    task: a task type registered in ``fedlora.tasks``: ``"classification"``, ``"multiple_choice"`` or
+        ``"causal_lm"``.
     task_options: the task's own settings, e.g. {scoring = "loglik", loss = "lm"} for
         multiple_choice or {max_new_tokens = 128, generate_examples = 32} for causal_lm (see
-        ``fedlora.sim.task_choice`` and ``fedlora.sim.task_causal``).
+        ``fedlora.tasks.choice`` and ``fedlora.tasks.causal``).
     max_length: tokenizer truncation length (default 64).
     validation_fraction: share of the source held out as the global validation set when it has none.
     train_examples: a seeded subset of the training split of this size (0 = all; default 0).
@@ -214,6 +212,7 @@ class RunConfig:
         strategy's options; raises ConfigError naming the key(s)."""
         from fedlora.data.partition import METHODS  # numpy only
         from fedlora.strategies.registry import make_strategy  # torch; every strategy registers on import
+        from fedlora.tasks.registry import task_names  # torch; every task type registers on import
 
         checks = [
             ("run.name", self.run.name != "", "must not be empty"),
@@ -227,7 +226,7 @@ class RunConfig:
             ("model.dtype", self.model.dtype in ("fp32", "bf16"), "must be 'fp32' or 'bf16'"),
             ("model.device", self.model.device in ("auto", "cpu", "cuda"), "must be 'auto', 'cpu' or 'cuda'"),
             ("data.source", self.data.source != "", "must not be empty"),
-            ("data.task", self.data.task in TASK_NAMES, f"must be one of {', '.join(TASK_NAMES)}"),
+            ("data.task", self.data.task in task_names(), f"must be one of {', '.join(task_names())}"),
             ("data.train_examples", self.data.train_examples >= 0, "must be ≥ 0 (0 = all)"),
             ("data.eval_examples", self.data.eval_examples >= 0, "must be ≥ 0 (0 = all)"),
             ("data.max_length", self.data.max_length >= 2, "must be ≥ 2"),

@@ -236,9 +236,9 @@ def round_diagnostics(updates: Sequence[ClientUpdate], weights: Sequence[float] 
 
 
 def keeps_personal_state(strategy: Strategy) -> bool:
-    """Whether the strategy's clients keep factors of their own between rounds (it overrides
-    :meth:`Strategy.personal_state`), so no single global model is what every client uses."""
-    return type(strategy).personal_state is not Strategy.personal_state
+    """Whether the strategy's clients keep factors of their own between rounds (its declared
+    ``personalised``), so no single global model is what every client uses."""
+    return strategy.personalised
 
 
 def rotation_sizes(updates: Sequence[ClientUpdate]) -> list[float]:

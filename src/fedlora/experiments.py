@@ -220,7 +220,7 @@ def run_grid(config: str | Path | None, cells: Sequence[Cell], overrides: Sequen
     ``<output>/logs/<setting>-<strategy>-seed-<s>.log``; ``finished(cell, summary, error)`` is called
     as each one ends. A failed cell does not stop the others; the first failure is raised at the end.
     """
-    from fedlora.sim.engine import build_strategy
+    from fedlora.runtime.federation import build_strategy
 
     configs = {c.run_dir: cell_config(config, c, overrides) for c in cells}
     for cfg in configs.values():  # a strategy option another strategy of the grid lacks fails here
@@ -262,7 +262,7 @@ def _announce_and_skip(cells: Sequence[Cell], statuses: Sequence[str], announce,
 def run_cell(cfg: RunConfig | None, run_dir: Path, progress: bool | None = None) -> dict[str, Any]:
     """Run one cell: a new one from ``cfg``; a started one (``cfg`` None) resumed with the config
     stored in its directory, so it continues exactly the run it started. Returns the summary."""
-    from fedlora.sim.engine import run
+    from fedlora.sim import run
 
     if cfg is None:
         return run(load_config(run_dir / "config.toml"), resume=run_dir, progress=progress)

@@ -10,7 +10,6 @@ metrics; the others are listed apart with why.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,10 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], str | None]:
     """The rows of a run's metrics.jsonl, and what is wrong with the file, in words (None when
-    nothing is), read by the same rules as a resume (:meth:`fedlora.sim.rundir.RunDir.read_metrics`):
+    nothing is), read by the same rules as a resume (:meth:`fedlora.runtime.rundir.RunDir.read_metrics`):
     a torn last line is left out, any other damaged or out-of-order row is a problem naming its
     line. A missing file gives no rows and no problem: whether rows were due is for the caller."""
-    from fedlora.sim.rundir import RunDir
+    from fedlora.runtime.rundir import RunDir
 
     try:
         return RunDir(Path(run_dir)).read_metrics(), None
@@ -158,16 +157,15 @@ def plot_runs(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
 # ---- grid reports (``fedlora report DIR``) ---------------------------------------------------------
 
 def _save_figure(fig, path: str | Path) -> Path:
-    """Write a matplotlib figure as PNG atomically (temp file + rename) and close it."""
+    """Write a pyplot figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    from fedlora.files import atomic_figure
+
+    try:
+        return atomic_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float] | None:
@@ -453,7 +451,7 @@ def grid_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from fedlora.sim.rundir import atomic_write
+    from fedlora.files import atomic_write
 
     roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
     if out is None:

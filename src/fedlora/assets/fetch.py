@@ -32,6 +32,7 @@ from pathlib import Path
 
 from fedlora.assets.catalog import MODEL, CatalogEntry, WheelPin
 from fedlora.errors import FedLoRAError
+from fedlora.files import atomic_json
 
 MANIFEST = ".fedlora-manifest.json"
 _CHUNK = 1 << 20
@@ -240,21 +241,8 @@ def write_manifest(entry: CatalogEntry, folder: Path) -> dict:
         "source": {"requirement": entry.wheel.requirement, "sha256": entry.wheel.sha256},
         "files": files,
     }
-    _write_json_atomic(folder / MANIFEST, manifest)
+    atomic_json(folder / MANIFEST, manifest, indent=1, sort_keys=True)
     return manifest
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON next to ``path`` and rename it into place, so a reader never sees half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=1, sort_keys=True))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _umask() -> int:
@@ -315,7 +303,7 @@ def _record_mtimes(folder: Path, manifest: dict, touched: dict[str, int]) -> Non
     for rel, mtime in touched.items():
         manifest["files"][rel]["mtime_ns"] = mtime
     with contextlib.suppress(OSError):
-        _write_json_atomic(folder / MANIFEST, manifest)
+        atomic_json(folder / MANIFEST, manifest, indent=1, sort_keys=True)
 
 
 def _open_permissions(folder: Path) -> None:

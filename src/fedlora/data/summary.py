@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -120,15 +119,12 @@ def plot_partition(summary: dict, path: str | os.PathLike, title: str | None = N
     """Write a PNG of stacked bars, one per client, one colour per value; return its path.
 
     Uses matplotlib's Agg canvas directly (no pyplot, so no global backend or figure state) and
-    writes atomically: a temporary file in the target folder, then ``os.replace``.
+    writes atomically (:func:`fedlora.files.atomic_figure`).
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     clients, values = summary["clients"], summary["values"]
     counts = np.asarray(summary["counts"], dtype=np.int64).reshape(len(clients), len(values))
 
@@ -151,14 +147,6 @@ def plot_partition(summary: dict, path: str | os.PathLike, title: str | None = N
         ax.legend(title="value", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
 
-    fd, tmp = tempfile.mkstemp(prefix=".partition-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a plot is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from fedlora.files import atomic_figure
+
+    return str(atomic_figure(fig, path))

@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = fsub.add_parser("sim", help="a Flower simulation (Ray), one virtual SuperNode per client")
     s.add_argument("config", nargs="?", help="TOML config (as for fedlora run)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue an interrupted Flower run from its last complete round, with its own config "
+                        "(--set train.rounds=N adds rounds)")
     s.add_argument("--min-replies", type=int, default=1, help="valid replies a round needs (default 1)")
     s.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for replies (default 600)")
     s.add_argument("--secagg", action="store_true",
@@ -68,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def write_app(directory: str | Path, config: str | Path, overrides: list[str] = (), min_replies: int = 1,
               round_timeout: float = 600.0, secagg: bool = False) -> Path:
     """Write a Flower App directory whose ServerApp/ClientApp are fedlora's; returns its path."""
-    from fedlora.sim.rundir import atomic_write
+    from fedlora.files import atomic_write
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -79,25 +82,30 @@ def write_app(directory: str | Path, config: str | Path, overrides: list[str] = 
     return d
 
 
-def run_sim(cfg, options=None, *, faults: dict[int, str] | None = None, cpus_per_client: float = 1.0,
-            gpus_per_client: float = 0.0) -> dict[str, Any]:
-    """Run ``cfg`` under Flower's simulation runtime; returns {"summary", "state", "rows"}."""
+def run_sim(cfg, options=None, *, resume: str | Path | None = None, faults: dict[int, str] | None = None,
+            cpus_per_client: float = 1.0, gpus_per_client: float = 0.0) -> dict[str, Any]:
+    """Run (or, with ``resume``, continue) ``cfg`` under Flower's simulation runtime; returns
+    {"summary", "state", "rows"}. Ctrl-C or SIGTERM stops the run after its last complete round, as
+    ``fedlora run`` does (the ServerApp runs in a thread that gets no signals, so the handler asks it
+    to stop), and raises KeyboardInterrupt once the summary is written; a second one stops at once."""
     import os
 
     from flwr.simulation import run_simulation
 
     from fedlora.flower.clientapp import make_client_app
     from fedlora.flower.serverapp import FlowerOptions, make_server_app
+    from fedlora.runtime.rundir import signals_set_stop
 
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
     results: dict[str, Any] = {}
     cpus = max(1, os.cpu_count() or 1)
     options = options or FlowerOptions()
-    run_simulation(make_server_app(cfg, options, results), make_client_app(faults, secagg=options.secagg),
-                   num_supernodes=cfg.partition.num_clients,
-                   backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
-                                   "init_args": {"num_cpus": cpus, "include_dashboard": False,
-                                                 "log_to_driver": False}})
+    with signals_set_stop():
+        run_simulation(make_server_app(cfg, options, results, resume), make_client_app(faults, secagg=options.secagg),
+                       num_supernodes=cfg.partition.num_clients,
+                       backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+                                       "init_args": {"num_cpus": cpus, "include_dashboard": False,
+                                                     "log_to_driver": False}})
     if "error" in results:
         raise results["error"]
     if "summary" not in results:
@@ -119,14 +127,13 @@ def require_flower() -> None:
 
 
 def cmd_sim(args) -> int:
-    from fedlora.config import load_config
-
     require_flower()
     from fedlora.flower.serverapp import FlowerOptions
+    from fedlora.runtime.rundir import RunDir
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = RunDir.command_config(args.config, args.overrides, args.resume)
     out = run_sim(cfg, FlowerOptions(min_replies=args.min_replies, round_timeout=args.round_timeout,
-                                     secagg=args.secagg),
+                                     secagg=args.secagg), resume=args.resume,
                   cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
     print(f"run directory: {out['summary']['run_dir']}")
     return 0

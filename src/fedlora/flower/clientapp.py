@@ -1,8 +1,8 @@
-"""The fedlora ClientApp: one node's round with the embedded engine's own client code.
+"""The fedlora ClientApp: one node's round with the same client code as the in-process transport.
 
 Per TRAIN message the node
 
-1. gets the run's :class:`~fedlora.sim.engine.Federation` (task, shared PEFT model, encoded data,
+1. gets the run's :class:`~fedlora.runtime.federation.Federation` (task, shared PEFT model, encoded data,
    partitions) from a per-process cache keyed by the config text: the base model is loaded once per
    ClientApp process, never per round (Flower's simulation keeps one process per Ray actor; a
    deployed SuperNode in 1.41 starts one ``flwr-clientapp`` process per message, see docs/flower.md);
@@ -10,10 +10,15 @@ Per TRAIN message the node
    strategy broadcasts this round) and its cached copy of the global adapter in ``Context.state``;
 3. brings the shared model's frozen base to its own merged base changes (FedEx, FLoRA) kept in
    ``Context.state``, merging the new ones the server sent;
-4. trains with :func:`fedlora.sim.engine.client_round` (``client_start`` with its personal state
-   from ``Context.state``, local training, ``before_upload``), and
+4. trains with :func:`fedlora.runtime.training.client_round` (``client_start`` with its personal state
+   from its own disk, :mod:`fedlora.flower.nodestore`; local training; ``before_upload``), keeps its
+   new personal state there, and
 5. replies with ``strategy.payload`` as an ArrayRecord, its sample count, scaling, loss and the
    strategy's ``info``.
+
+Per EVALUATE message (``eval.personalised``) it does steps 1-3 with the full global adapter and
+evaluates its personal model on its held-out slice
+(:func:`fedlora.runtime.evaluation.evaluate_client`).
 
 Its partition is ``node_config["partition-id"]`` of ``num-partitions``, as Flower assigns them.
 """
@@ -33,11 +38,14 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FedLoRAError
 from fedlora.factors import Adapter
 from fedlora.flower import records as rec
-from fedlora.strategies import ClientContext, GlobalState
+from fedlora.flower.nodestore import load_personal, save_personal, store_path
+from fedlora.runtime.evaluation import evaluate_client
+from fedlora.runtime.federation import client_context, prepare
+from fedlora.runtime.training import client_round
+from fedlora.strategies import GlobalState
 
 # Context.state keys (per node, persist across rounds within a run)
 STATE_GLOBAL = "fedlora.global"  # the last global adapter this node received, all parts
-STATE_PERSONAL = "fedlora.personal"  # the strategy's personal_state (FedSA's B)
 STATE_BASE = "fedlora.base"  # Σ of merged base changes, dense per layer (fp32)
 STATE_META = "fedlora.meta"  # {"base-version": deltas merged so far}
 
@@ -70,7 +78,6 @@ def cached_federation(cfg_text: str) -> _Cached:
     from fedlora.config import from_dict
     import tomllib
 
-    from fedlora.sim.engine import prepare
 
     cfg = from_dict(tomllib.loads(cfg_text)).validate()
     fed = prepare(cfg, log=lambda *_: None)
@@ -97,19 +104,15 @@ def partition_of(context: Context, num_clients: int) -> int:
 
 def _apply_base(cached: _Cached, context: Context, content: RecordDict) -> int:
     """Bring the shared model's base weights to this node's merged base changes plus the new
-    deltas in the message; returns the node's base version (deltas merged)."""
+    deltas in the message; returns the node's base version (deltas merged).
+
+    The weights are always rebuilt as pristine + the sum of the merged changes (summed in order),
+    never updated in place: a node that lost its state (a resumed run) rebuilds them bit for bit."""
     shared = cached.fed.shared
     meta = context.state.config_records.get(STATE_META, ConfigRecord({"base-version": 0}))
     version = int(meta["base-version"])
     merged = rec.record_to_tensors(context.state.array_records[STATE_BASE]) \
         if STATE_BASE in context.state.array_records else {}
-    node = (context.run_id, context.node_id)
-    if cached.applied != (node, version):  # another node (or nothing) is on the model: rebuild ours
-        with torch.no_grad():
-            for name, module in shared.lora_layers.items():
-                module.get_base_layer().weight.copy_(cached.pristine[name])
-        for layer, dense in merged.items():
-            shared.add_to_base(layer, dense, accumulate=False)
     cfg = content.config_records[rec.KEY_CONFIG]
     first, count = int(cfg.get("base-from", 0)), int(cfg.get("base-count", 0))
     for i in range(first, first + count):
@@ -117,12 +120,19 @@ def _apply_base(cached: _Cached, context: Context, content: RecordDict) -> int:
             continue
         if i > version:
             raise ConfigError(f"node {context.node_id}: base delta {i} arrived but {version} is the next one needed")
-        delta = rec.record_to_base_delta(content.array_records[f"{rec.KEY_BASE_DELTA}{i}"])
-        shared.merge_base(delta, accumulate=False)  # the engine's own W₀ += B·A
-        for layer, pair in delta.items():
-            d = (pair.B.float() @ pair.A.float())
+        for layer, pair in rec.record_to_base_delta(content.array_records[f"{rec.KEY_BASE_DELTA}{i}"]).items():
+            if layer not in shared.lora_layers:
+                raise ConfigError(f"base_delta names layer {layer!r}, which is not a LoRA layer of the model")
+            d = pair.B.float() @ pair.A.float()  # the engine's own W₀ += B·A
             merged[layer] = d if layer not in merged else merged[layer] + d
         version += 1
+    node = (context.run_id, context.node_id)
+    if cached.applied != (node, version):  # another node, an older version of ours, or nothing is on the model
+        with torch.no_grad():
+            for name, module in shared.lora_layers.items():
+                module.get_base_layer().weight.copy_(cached.pristine[name])
+        for layer, dense in merged.items():
+            shared.add_to_base(layer, dense, accumulate=False)
     if merged:
         context.state.array_records[STATE_BASE] = rec.tensors_to_record(merged)
     context.state.config_records[STATE_META] = ConfigRecord({"base-version": version})
@@ -160,25 +170,26 @@ def _inject_fault(kind: str, payload: Mapping[str, torch.Tensor]) -> dict[str, t
     return out
 
 
-def train_round(content: RecordDict, context: Context, faults: Mapping[int, str]) -> dict:
-    """One TRAIN message's work: returns {"payload" (None if training failed), "metrics", "info",
-    "weighting"}."""
+def _node_round(content: RecordDict, context: Context):
+    """What a TRAIN or EVALUATE message sets up on this node: its Federation, client index, the
+    round's GlobalState, its base version, its personal state and where that is stored."""
     cfg_rec = content.config_records[rec.KEY_CONFIG]
     cached = cached_federation(str(cfg_rec["fedlora-config"]))
     fed = cached.fed
     k = partition_of(context, fed.num_clients)
     state = _global_state(context, content)
     base_version = _apply_base(cached, context, content)
-    personal = None
-    if STATE_PERSONAL in context.state.array_records:
-        personal = rec.record_to_adapter(context.state.array_records[STATE_PERSONAL])
-    ctx = ClientContext(client_id=k, round=state.round, num_samples=len(fed.client_train[k]),
-                        rank=fed.client_ranks[k], alpha=fed.cfg.lora.alpha,
-                        num_clients=int(cfg_rec["num-sampled"]), total_clients=fed.num_clients,
-                        seed=fed.cfg.run.seed)
-    from fedlora.sim.engine import client_round
+    store = store_path(context.node_config, str(cfg_rec["run-token"]), k)
+    return fed, k, state, base_version, load_personal(store, state.round), store
 
-    result, adapter, mine, info = client_round(fed, state, personal, ctx)
+
+def train_round(content: RecordDict, context: Context, faults: Mapping[int, str], loss_fn=None) -> dict:
+    """One TRAIN message's work: returns {"payload" (None if training failed), "metrics", "info",
+    "weighting"}."""
+    fed, k, state, base_version, personal, store = _node_round(content, context)
+    ctx = client_context(fed, k, state.round, int(content.config_records[rec.KEY_CONFIG]["num-sampled"]))
+    loss = (lambda m, b: loss_fn(m, b, k)) if loss_fn else None
+    result, adapter, mine, info = client_round(fed, state, personal, ctx, loss)
     metrics = {"num-examples": ctx.num_samples, "partition-id": k, "rank": ctx.rank or 0,
                "steps": result.steps, "base-version": base_version, "failed": int(adapter is None)}
     out = {"payload": None, "metrics": metrics, "info": {"error": result.error or "failed"},
@@ -186,7 +197,7 @@ def train_round(content: RecordDict, context: Context, faults: Mapping[int, str]
     if adapter is None:
         return out
     if mine is not None:
-        context.state.array_records[STATE_PERSONAL] = rec.adapter_to_record(mine)
+        save_personal(store, state.round, mine)
     payload = fed.strategy.payload(adapter, state.round)
     fault = faults.get(k) or context.node_config.get("fedlora-fault")
     if fault:
@@ -196,11 +207,21 @@ def train_round(content: RecordDict, context: Context, faults: Mapping[int, str]
     return out
 
 
-def make_client_app(faults: Mapping[int, str] | None = None, secagg: bool = False) -> ClientApp:
+def evaluate_round(msg: Message, context: Context) -> Message:
+    """One EVALUATE message: this client's personal model on its held-out slice (empty metrics when
+    the slice is empty)."""
+    fed, k, state, base_version, personal, _ = _node_round(msg.content, context)
+    metrics = evaluate_client(fed, state, personal, k) or {}
+    return Message(RecordDict({rec.KEY_INFO: ConfigRecord({
+        "metrics": rec.to_json(metrics, f"client {k} evaluation"), "base-version": base_version})}), reply_to=msg)
+
+
+def make_client_app(faults: Mapping[int, str] | None = None, secagg: bool = False, loss_fn=None) -> ClientApp:
     """The fedlora ClientApp. ``secagg``: the SecAgg+ variant (``secaggplus_mod``; see
     :mod:`fedlora.flower.secagg`). ``faults`` (tests only) maps a partition id to a fault its replies
     carry (``"nan"``, ``"shape"``, ``"exit"``); a node's ``node_config["fedlora-fault"]`` does the same
-    in a deployment."""
+    in a deployment. ``loss_fn(model, batch, client_id)`` (tests only, in process) replaces the task's
+    loss, as in ``fedlora.sim.run``."""
     mods = []
     if secagg:
         from flwr.client.mod import secaggplus_mod
@@ -216,13 +237,14 @@ def make_client_app(faults: Mapping[int, str] | None = None, secagg: bool = Fals
             reply_to=msg)
 
     app.query()(query)
+    app.evaluate()(evaluate_round)
 
     if secagg:
         from fedlora.flower import secagg as sa
 
         @app.train()
         def train_secagg(msg: Message, context: Context) -> Message:
-            out = train_round(sa.fitins_to_content(msg.content), context, faults)
+            out = train_round(sa.fitins_to_content(msg.content), context, faults, loss_fn)
             if out["payload"] is None:  # no upload: the workflow counts this node as dropped
                 raise FedLoRAError(out["info"]["error"])
             weight = out["metrics"]["num-examples"] if out["weighting"] == "samples" else 1
@@ -233,7 +255,7 @@ def make_client_app(faults: Mapping[int, str] | None = None, secagg: bool = Fals
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        out = train_round(msg.content, context, faults)
+        out = train_round(msg.content, context, faults, loss_fn)
         if out["payload"] is None:  # local training failed (NaN loss): report it, upload nothing
             return Message(RecordDict({rec.KEY_METRICS: MetricRecord(out["metrics"]),
                                        rec.KEY_INFO: ConfigRecord({"error": out["info"]["error"]})}), reply_to=msg)

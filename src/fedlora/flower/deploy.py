@@ -160,7 +160,7 @@ class LocalDeployment:
         raise FedLoRAError(f"{name} did not open port {port} within {timeout:.0f} s; see {self.workdir / name}.log")
 
     def _write_connection(self) -> None:
-        from fedlora.sim.rundir import atomic_write
+        from fedlora.files import atomic_write
 
         atomic_write(self.workdir / "flwr-home" / "config.toml",
                      '[superlink]\ndefault = "local-deployment"\n\n'

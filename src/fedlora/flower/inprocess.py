@@ -76,3 +76,17 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))  # noqa: D102
+
+
+def run_inprocess(cfg, *, resume=None, loss_fn=None, progress=None, log=None, options=None,
+                  faults: Mapping[int, str] | None = None) -> dict:
+    """Run (or resume) ``cfg`` through the fedlora ServerApp's transport and ClientApp on an
+    :class:`InProcessGrid`: the shared round loop over real Flower Messages and node Contexts, in
+    this process. Arguments as ``fedlora.sim.run`` (no progress bar: a Flower run logs lines);
+    ``options`` are FlowerOptions (a 1 s node wait by default), ``faults`` as ``make_client_app``'s."""
+    from fedlora.flower.clientapp import make_client_app
+    from fedlora.flower.serverapp import FlowerOptions, FlowerServer
+
+    options = options or FlowerOptions(node_wait=1.0)
+    grid = InProcessGrid(make_client_app(faults, secagg=options.secagg, loss_fn=loss_fn), cfg.partition.num_clients)
+    return FlowerServer(cfg, options, log or print).run(grid, resume=resume)

@@ -1,23 +1,23 @@
-"""The fedlora ServerApp: the embedded engine's round loop over a Flower :class:`~flwr.serverapp.Grid`.
+"""The Flower transport: the shared round loop (:mod:`fedlora.runtime.loop`) over a Flower
+:class:`~flwr.serverapp.Grid`, and the ServerApp that runs it.
 
-Each round t (the same steps as ``fedlora.sim.engine.run``):
-
-    sample clients (``engine.sample_clients``, by partition id) → one TRAIN message per sampled
-    node: the config, round, scaling, the global adapter's broadcast parts (all parts to a node
-    that has none cached) and the base-weight changes it has not merged → replies → per reply:
-    ``strategy.receive`` + ``strategy.validate`` (a bad reply is dropped and logged, naming the
-    client) → at least ``min_replies`` left, else the round fails → ``strategy.aggregate`` →
-    ``round_diagnostics`` → ``communication_bytes`` (and the bytes actually sent) → evaluate the
-    global model → one metrics row, checkpoint; at the end the adapter and summary, as ``fedlora run``.
-
-The strategy is driven only through its generic hooks, so every registered strategy runs.
+Per round the loop asks :class:`FlowerTransport` to train the sampled clients: one TRAIN message per
+sampled node (the config, round, scaling, the global adapter's broadcast parts, all parts to a node
+that has none cached, and the base-weight changes it has not merged) → replies → per reply:
+``strategy.receive`` + ``strategy.validate`` (a bad reply is dropped and logged, naming the client;
+a missing one counts as failed after the round timeout) → the valid updates, or under SecAgg+ the one
+aggregate. Personal models are evaluated on the nodes that hold them (EVALUATE messages). Everything
+else (sampling, aggregation, diagnostics, the metrics row, the checkpoint, resume, Ctrl-C, the
+summary) is the loop's, exactly as ``fedlora run``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,9 +26,14 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig, from_dict, load_config, to_toml
-from fedlora.errors import AggregationInputError, ConfigError, FedLoRAError, RoundFailedError
+from fedlora.errors import AggregationInputError, ConfigError, RoundFailedError
 from fedlora.flower import records as rec
-from fedlora.strategies import ClientContext, ClientUpdate, GlobalState
+from fedlora.runtime.federation import Federation, client_context
+from fedlora.runtime.rundir import raise_if_stopped
+from fedlora.runtime.transport import RoundReplies
+from fedlora.strategies import ClientUpdate, GlobalState
+
+__all__ = ["FlowerOptions", "FlowerServer", "FlowerTransport", "RoundFailedError", "make_server_app"]
 
 
 @dataclasses.dataclass
@@ -47,39 +52,112 @@ class FlowerOptions:
     secagg: bool = False
 
 
-def _nbytes_tensors(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def check_secagg(cfg: RunConfig, options: FlowerOptions) -> None:
+    """Refuse SecAgg+ for a strategy whose server needs more than the weighted sum of uploads."""
+    if not options.secagg:
+        return
+    from fedlora.runtime.federation import build_strategy
+
+    strategy = build_strategy(cfg)
+    if not strategy.secure_aggregation:
+        raise ConfigError(f"strategy {strategy.name!r} cannot run under SecAgg+: SecAgg+ reveals only the sum of "
+                          "the uploads, and this strategy's server needs each client's upload (e.g. to stack, "
+                          "re-factor or correct them), so it would have nothing to aggregate")
 
 
-class FlowerServer:
-    """The server half of a fedlora run on Flower. ``run(grid)`` returns the run summary."""
+class FlowerTransport:
+    """Reach the clients through Flower messages. Nodes keep their personal state (FedSA's B) and
+    their merged base changes; the server keeps, for an exact resume, the base changes it has sent
+    and the run's token, which names the nodes' stored personal states."""
 
-    def __init__(self, cfg: RunConfig, options: FlowerOptions | None = None, log: Callable[[str], None] = print):
-        self.cfg = cfg
-        self.options = options or FlowerOptions()
+    engine = "flower"
+    resume_command = "fedlora flower sim --resume"
+
+    def __init__(self, grid: Grid, options: FlowerOptions, log: Callable[[str], None] = print):
+        self.grid = grid
+        self.options = options
+        self.min_replies = options.min_replies
         self.log = log
-        self.cfg_text = to_toml(cfg)  # what every node builds its Federation from
 
-    def check_secagg(self) -> None:
-        """Refuse SecAgg+ for a strategy whose server needs more than the weighted sum of uploads."""
-        if not self.options.secagg:
-            return
-        from fedlora.sim.engine import build_strategy
+    # ---- the Transport interface ------------------------------------------------------------------
+    def open(self, fed: Federation, checkpoint: Mapping[str, Any] | None) -> None:
+        self.fed, self.strategy = fed, fed.strategy
+        self.cfg_text = to_toml(fed.cfg)  # what every node builds its Federation from
+        saved = (checkpoint or {}).get("extra", {}).get("transport", {})
+        self.token = saved.get("token") or uuid.uuid4().hex  # names the nodes' stored personal states
+        self.deltas: list = list(saved.get("deltas", []))  # every aggregation's base change, in order
+        self.seen_round = checkpoint["round"] if checkpoint is not None else 0
+        self.has_global: set[int] = set()  # nodes holding a full copy of the global adapter
+        self.known_base: dict[int, int] = {}  # node → base deltas it has merged (from its last reply)
+        self.pid_to_node = self.discover(fed.num_clients)
+        self.log(f"{len(self.pid_to_node)} nodes: " + ", ".join(f"{k}→{n}" for k, n in sorted(self.pid_to_node.items())))
 
-        strategy = build_strategy(self.cfg)
-        if not strategy.secure_aggregation:
-            raise ConfigError(f"strategy {strategy.name!r} cannot run under SecAgg+: SecAgg+ reveals only the sum of "
-                              "the uploads, and this strategy's server needs each client's upload (e.g. to stack, "
-                              "re-factor or correct them), so it would have nothing to aggregate")
+    def train(self, state: GlobalState, sampled: list[int], status: Callable[[str], None]) -> RoundReplies:
+        self.note_base_change(state)
+        status(f"training on {len(sampled)} nodes")
+        msgs, sent = [], {}
+        for k in sampled:
+            node = self.pid_to_node[k]
+            msg, nbytes = self.message(MessageType.TRAIN, node, state, len(sampled), full=node not in self.has_global)
+            msgs.append(msg)
+            sent[k] = nbytes
+        if self.options.secagg:
+            good, failed, secure = self.secagg_collect(state, msgs, sampled)
+        else:
+            (good, failed), secure = self.plain_collect(state, msgs, sampled), None
+        for k, _, _, _, _, version in good:
+            self.has_global.add(self.pid_to_node[k])
+            self.known_base[self.pid_to_node[k]] = version
+        for f in failed:
+            self.log(f"round {state.round + 1}: client {f['client']} failed: {f['error']}")
+        return RoundReplies(updates=[g[1] for g in good], contexts=[g[2] for g in good],
+                            losses={g[0]: (g[3], g[1].num_samples) for g in good}, failed=failed, secure=secure,
+                            row={"bytes_up_sent": sum(g[4] for g in good),
+                                 "bytes_down_sent": sum(sent[g[0]] for g in good)})
 
-    # ---- nodes ----------------------------------------------------------------------------------
-    def discover(self, grid: Grid, num_clients: int) -> dict[int, int]:
+    def evaluate_personal(self, state: GlobalState) -> dict[int, dict[str, Any]]:
+        """One EVALUATE message per node (all parts of the global adapter, and the base changes it
+        lacks); each evaluates its personal model on its held-out slice. A node that fails or does
+        not answer is left out of the round's personal figures, and logged."""
+        self.note_base_change(state)
+        n = self.fed.num_clients
+        msgs = [self.message(MessageType.EVALUATE, self.pid_to_node[k], state, n, full=True)[0] for k in range(n)]
+        ids = list(self.grid.push_messages(msgs))
+        sent_to = dict(zip(ids, range(n)))
+        out: dict[int, dict[str, Any]] = {}
+        for reply in self.pull(ids):
+            k = sent_to.get(reply.metadata.reply_to_message_id)
+            if k is None:
+                continue
+            if reply.has_error():
+                self.log(f"after round {state.round}: client {k} could not evaluate: {reply.error.reason}")
+                continue
+            info = reply.content.config_records[rec.KEY_INFO]
+            self.known_base[self.pid_to_node[k]] = int(info["base-version"])
+            metrics = rec.from_json(str(info["metrics"]))
+            if metrics:  # an empty held-out slice evaluates nothing
+                out[k] = metrics
+        return {k: out[k] for k in sorted(out)}
+
+    def personal_states(self) -> Mapping[int, Any]:
+        return {}  # the nodes hold them
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"token": self.token, "deltas": list(self.deltas)}
+
+    def close(self) -> None:
+        pass
+
+    # ---- nodes ------------------------------------------------------------------------------------
+    def discover(self, num_clients: int) -> dict[int, int]:
         """partition id → node id, asking each connected node for its node_config."""
+        grid = self.grid
         deadline = time.monotonic() + self.options.node_wait
         while True:
             nodes = list(grid.get_node_ids())
             if len(nodes) >= num_clients or time.monotonic() > deadline:
                 break
+            raise_if_stopped()
             time.sleep(0.5)
         if len(nodes) < num_clients:
             raise ConfigError(f"{len(nodes)} SuperNodes connected within {self.options.node_wait:.0f} s; "
@@ -107,29 +185,37 @@ class FlowerServer:
                               f"--node-config 'partition-id=K num-partitions={num_clients}'")
         return found
 
-    # ---- messages -------------------------------------------------------------------------------
-    def train_message(self, node: int, state: GlobalState, num_sampled: int, full: bool,
-                      deltas: list, known_base: int) -> tuple[Message, int]:
-        """The TRAIN message for one node; returns it and the bytes of adapter + base data in it."""
-        strategy = self.strategy
-        parts = ("A", "B", "extras") if full else strategy.download_parts(state.round)
+    # ---- messages ---------------------------------------------------------------------------------
+    def note_base_change(self, state: GlobalState) -> None:
+        """Keep the base change of the aggregation that made ``state`` (once), to send to the nodes."""
+        if state.round > self.seen_round:
+            if state.base_delta:
+                self.deltas.append(state.base_delta)
+            self.seen_round = state.round
+
+    def message(self, kind: str, node: int, state: GlobalState, num_sampled: int, full: bool) -> tuple[Message, int]:
+        """A TRAIN or EVALUATE message for one node; returns it and the bytes of adapter + base data in it."""
+        parts = ("A", "B", "extras") if full else self.strategy.download_parts(state.round)
+        known_base = self.known_base.get(node, 0)
         content = RecordDict()
         glob = rec.adapter_to_record(state.adapter, parts)
         content.array_records[rec.KEY_GLOBAL] = glob
         nbytes = rec.record_nbytes(glob)
-        for i in range(known_base, len(deltas)):
-            r = rec.base_delta_to_record(deltas[i])
+        for i in range(known_base, len(self.deltas)):
+            r = rec.base_delta_to_record(self.deltas[i])
             content.array_records[f"{rec.KEY_BASE_DELTA}{i}"] = r
             nbytes += rec.record_nbytes(r)
         content.config_records[rec.KEY_CONFIG] = ConfigRecord({
             "fedlora-config": self.cfg_text, "round": state.round, "scaling": float(state.scaling),
             "state-info": rec.to_json(state.info, "GlobalState.info"), "num-sampled": num_sampled,
-            "full": bool(full), "base-from": known_base, "base-count": len(deltas) - known_base})
-        return Message(content, node, MessageType.TRAIN, group_id=str(state.round),
+            "full": bool(full), "base-from": known_base, "base-count": len(self.deltas) - known_base,
+            "run-token": self.token})
+        return Message(content, node, kind, group_id=f"{kind}-{state.round}",
                        ttl=self.options.round_timeout + 60), nbytes
 
-    def collect(self, replies, state: GlobalState, sent_to: dict[str, int]):
-        """Valid ClientUpdates (sorted by client), their contexts and losses, and the failures."""
+    def collect(self, replies, state: GlobalState, sent_to: dict[str, int], num_sampled: int):
+        """Valid replies as (client, ClientUpdate, context, loss, upload bytes, base version), sorted by
+        client, and the failures."""
         strategy = self.strategy
         good, failed = [], []
         for reply in replies:
@@ -157,37 +243,35 @@ class FlowerServer:
             except (AggregationInputError, KeyError, ValueError) as e:
                 failed.append({"client": k, "error": f"invalid reply: {e}"})
                 continue
-            ctx = ClientContext(client_id=k, round=state.round, num_samples=int(m["num-examples"]),
-                                rank=int(m["rank"]) or None, alpha=self.cfg.lora.alpha, total_clients=self.num_clients,
-                                seed=self.cfg.run.seed)
+            ctx = client_context(self.fed, k, state.round, num_sampled, num_samples=int(m["num-examples"]),
+                                 rank=int(m["rank"]) or None)
             good.append((k, upd, ctx, float(m["loss"]), rec.record_nbytes(c.array_records[rec.KEY_PAYLOAD]),
                          int(m["base-version"])))
-        good.sort(key=lambda g: g[0])  # the engine's order: sampled clients in increasing id
+        good.sort(key=lambda g: g[0])  # the in-process order: sampled clients in increasing id
         return good, failed
 
-    def plain_collect(self, grid: Grid, state: GlobalState, msgs: list[Message], sampled: list[int]):
+    def plain_collect(self, state: GlobalState, msgs: list[Message], sampled: list[int]):
         """Send the round's messages, wait for the replies, check each (see :meth:`collect`)."""
-        ids = list(grid.push_messages(msgs))
+        ids = list(self.grid.push_messages(msgs))
         sent_to = dict(zip(ids, sampled))
-        replies = self.pull(grid, ids)
-        good, failed = self.collect(replies, state, sent_to)
+        replies = self.pull(ids)
+        good, failed = self.collect(replies, state, sent_to, len(sampled))
         answered = {sent_to.get(r.metadata.reply_to_message_id) for r in replies}
         failed += [{"client": k, "error": f"no reply within the round timeout ({self.options.round_timeout:.0f} s)"}
                    for k in sampled if k not in answered]
         failed.sort(key=lambda f: str(f["client"]))
         return good, failed
 
-    def secagg_collect(self, grid: Grid, state: GlobalState, msgs: list[Message], sampled: list[int],
-                       pid_to_node: dict[int, int], fed):
+    def secagg_collect(self, state: GlobalState, msgs: list[Message], sampled: list[int]):
         """The round under SecAgg+: per-client entries (metrics, and the aggregate adapter standing in
         for each client's, for byte counts) and the one aggregate ClientUpdate the strategy sees."""
         from fedlora.flower.secagg import secagg_round
 
-        strategy = self.strategy
-        node_to_pid = {n: k for k, n in pid_to_node.items()}
+        strategy, grid = self.strategy, self.grid
+        node_to_pid = {n: k for k, n in self.pid_to_node.items()}
         run_id = grid.run.run_id if getattr(grid, "run", None) is not None else 0
         bridge = secagg_round(grid, run_id, state.round, {m.metadata.dst_node_id: m.content for m in msgs},
-                              max_weight=float(sum(len(fed.client_train[k]) for k in sampled)),
+                              max_weight=float(sum(len(self.fed.client_train[k]) for k in sampled)),
                               timeout=self.options.round_timeout)
         reported = {node_to_pid[n]: (w, m) for n, w, m in bridge.metrics}
         failed = [{"client": k, "error": "dropped out of SecAgg+ (error or no reply)"}
@@ -209,113 +293,67 @@ class FlowerServer:
         good = []
         for k in sorted(reported):
             _, m = reported[k]
-            ctx = ClientContext(client_id=k, round=state.round, num_samples=int(m["num-examples"]),
-                                rank=int(m["rank"]) or None, alpha=self.cfg.lora.alpha,
-                                total_clients=self.num_clients, seed=self.cfg.run.seed)
+            ctx = client_context(self.fed, k, state.round, len(sampled), num_samples=int(m["num-examples"]),
+                                 rank=int(m["rank"]) or None)
             upd = ClientUpdate(k, adapter, int(m["num-examples"]), scaling, {})
             good.append((k, upd, ctx, float(m["loss"]), strategy.upload_bytes(adapter, state.round),
                          int(m["base-version"])))
         return good, failed, secure
 
-    def pull(self, grid: Grid, ids: list[str]) -> list[Message]:
+    def pull(self, ids: list[str]) -> list[Message]:
         """Replies to ``ids`` until all are in or the round timeout passes (what is missing then
         counts as failed). A node that disconnects gets an error reply from the SuperLink once it
-        misses its heartbeats, so a lost node ends the wait before the timeout."""
+        misses its heartbeats, so a lost node ends the wait before the timeout. A stop request
+        (Ctrl-C in a simulation) ends the wait with KeyboardInterrupt: the round is abandoned."""
         waiting, replies = set(ids), []
         deadline = time.monotonic() + self.options.round_timeout
         while waiting and time.monotonic() < deadline:
-            got = list(grid.pull_messages(list(waiting)))
+            raise_if_stopped()
+            got = list(self.grid.pull_messages(list(waiting)))
             replies += got
             waiting -= {r.metadata.reply_to_message_id for r in got}
             if waiting:
                 time.sleep(0.5)
         return replies
 
-    # ---- the run --------------------------------------------------------------------------------
-    def run(self, grid: Grid) -> dict[str, Any]:
-        """Run ``cfg.train.rounds`` rounds on the nodes of ``grid``; returns the summary."""
-        from fedlora.sim.engine import (aggregate_round, completed_line, evaluate_if_due, finish, metrics_row, prepare,
-                                        round_line, sample_clients)
-        from fedlora.sim.rundir import RunDir, signals_deferred
 
-        t_start = time.perf_counter()
-        cfg = self.cfg
-        self.check_secagg()
-        torch.manual_seed(cfg.run.seed)  # the initial adapter (PEFT's init) is a function of the seed
-        server_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, personalised=False))
-        RunDir.check_location(cfg)
-        fed = prepare(server_cfg, self.log)  # the global model for evaluation; checks every input first
-        self.strategy, self.num_clients = fed.strategy, fed.num_clients
-        strategy, seed = fed.strategy, cfg.run.seed
-        state = strategy.init_state(fed.shared.initial_adapter(), alpha=cfg.lora.alpha, seed=seed)
-        pid_to_node = self.discover(grid, fed.num_clients)
-        self.log(f"{len(pid_to_node)} nodes: " + ", ".join(f"{k}→{n}" for k, n in sorted(pid_to_node.items())))
-        rundir = RunDir.create(cfg)
-        rundir.write_json("partition.json", fed.partition_summary)
-        has_global: set[int] = set()  # nodes holding a full copy of the global adapter
-        known_base: dict[int, int] = {}  # node → base deltas it has merged (from its last reply)
-        deltas: list = []  # every aggregation's base change, in order
-        self.rows = []
-        try:  # as `fedlora run`: a failed round ends the run "failed: …", keeping the complete rounds
-            while state.round < cfg.train.rounds:
-                t = state.round
-                t0 = time.perf_counter()
-                sampled = sample_clients(seed, t, fed.num_clients, cfg.train)
-                msgs, sent = [], {}
-                for k in sampled:
-                    node = pid_to_node[k]
-                    msg, nbytes = self.train_message(node, state, len(sampled), node not in has_global, deltas,
-                                                     known_base.get(node, 0))
-                    msgs.append(msg)
-                    sent[k] = nbytes
-                if self.options.secagg:
-                    good, failed, secure = self.secagg_collect(grid, state, msgs, sampled, pid_to_node, fed)
-                else:
-                    good, failed = self.plain_collect(grid, state, msgs, sampled)
-                for k, _, _, _, _, version in good:
-                    has_global.add(pid_to_node[k])
-                    known_base[pid_to_node[k]] = version
-                if len(good) < self.options.min_replies:
-                    raise RoundFailedError(
-                        f"round {t + 1}: {len(good)} valid replies of {len(sampled)} sampled, fewer than the minimum "
-                        f"{self.options.min_replies}; failures: " + "; ".join(f"client {f['client']}: {f['error']}" for f in failed))
-                for f in failed:
-                    self.log(f"round {t + 1}: client {f['client']} failed: {f['error']}")
-                t_train = time.perf_counter() - t0
-                updates = [g[1] for g in good]
-                contexts = [dataclasses.replace(g[2], num_clients=len(sampled)) for g in good]
-                # under SecAgg+ the server holds only the weighted average: one aggregate update, no diagnostics
-                state, diag, comm = aggregate_round(fed, state, updates, contexts,
-                                                    secure=secure if self.options.secagg else None)
-                if state.base_delta:
-                    deltas.append(state.base_delta)
-                evaluation, t_eval = evaluate_if_due(fed, state, {}, t)
-                row = metrics_row(t, sampled, failed, {g[0]: (g[3], g[1].num_samples) for g in good}, evaluation, diag,
-                                  comm, t0=t0, train_s=t_train, eval_s=t_eval,
-                                  bytes_up_sent=sum(g[4] for g in good), bytes_down_sent=sum(sent[g[0]] for g in good))
-                with signals_deferred():
-                    rundir.commit_round(row, state, {}, fed.shared.base_merged, {"seed": seed})
-                self.rows.append(row)
-                self.log(round_line(row, cfg.train.rounds).replace("[red]", "").replace("[/]", ""))
-        except FedLoRAError as e:
-            finish(fed, rundir, state, dict(fed.shared.base_merged), f"failed: {e}", time.perf_counter() - t_start)
-            raise
-        self.state = state
-        summary = finish(fed, rundir, state, dict(fed.shared.base_merged), "completed", time.perf_counter() - t_start)
-        summary["engine"] = "flower"
-        rundir.write_json("summary.json", summary)
-        self.log(completed_line(summary))
+class FlowerServer:
+    """The server half of a fedlora run on Flower: ``run(grid, resume=None)`` runs the shared round
+    loop over a :class:`FlowerTransport` and returns the summary; afterwards ``rows`` holds the
+    run's metrics rows and ``state`` its final GlobalState."""
+
+    def __init__(self, cfg: RunConfig, options: FlowerOptions | None = None, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.options = options or FlowerOptions()
+        self.log = log
+
+    def run(self, grid: Grid, resume: str | Path | None = None) -> dict[str, Any]:
+        from fedlora.runtime.loop import run
+        from fedlora.runtime.rundir import RunDir
+
+        check_secagg(self.cfg, self.options)
+        torch.manual_seed(self.cfg.run.seed)  # the initial adapter (PEFT's init) is a function of the seed
+        summary = run(self.cfg, FlowerTransport(grid, self.options, self.log), resume=resume, progress=False,
+                      log=self.log)
+        rundir = RunDir.open(summary["run_dir"])
+        self.rows = rundir.read_metrics()
+        self.state = rundir.load_checkpoint()["state"]
         return summary
 
 
 def config_from_run_config(run_config: dict) -> tuple[RunConfig, FlowerOptions]:
     """RunConfig and options from a Flower run config (``[tool.flwr.app.config]`` / ``--run-config``):
     ``config`` (a TOML file on the server) or ``config-toml`` (its text), ``overrides`` (``;``-separated
-    ``key=value``), ``min-replies``, ``round-timeout``, ``node-wait``, ``secagg``."""
+    ``key=value``), ``min-replies``, ``round-timeout``, ``node-wait``, ``secagg``; ``resume`` (a run
+    directory on the server) resumes that run with its own config.toml and the overrides."""
     import tomllib
 
     overrides = [s.strip() for s in str(run_config.get("overrides", "")).split(";") if s.strip()]
-    if run_config.get("config-toml"):
+    if run_config.get("resume"):
+        from fedlora.runtime.rundir import RunDir
+
+        cfg = load_config(RunDir.open(str(run_config["resume"])).path / "config.toml", overrides)
+    elif run_config.get("config-toml"):
         from fedlora.config import apply_overrides
 
         cfg = from_dict(apply_overrides(tomllib.loads(str(run_config["config-toml"])), overrides)).validate()
@@ -330,24 +368,29 @@ def config_from_run_config(run_config: dict) -> tuple[RunConfig, FlowerOptions]:
 
 
 def make_server_app(cfg: RunConfig | None = None, options: FlowerOptions | None = None,
-                    results: dict | None = None) -> ServerApp:
-    """The fedlora ServerApp. With ``cfg`` it runs that config (``fedlora flower sim``); without, it
-    reads the config from the Flower run config (a deployment). ``results`` (optional) receives the
-    summary and final GlobalState."""
+                    results: dict | None = None, resume: str | Path | None = None) -> ServerApp:
+    """The fedlora ServerApp. With ``cfg`` it runs that config (``fedlora flower sim``; ``resume``: the
+    run directory it continues); without, it reads the config from the Flower run config (a
+    deployment; see :func:`config_from_run_config`). ``results`` (optional) receives the summary,
+    the final GlobalState and the metrics rows."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if cfg is None:
             run_cfg, opts = config_from_run_config(dict(context.run_config))
+            run_resume = str(context.run_config.get("resume", "")) or None
         else:
-            run_cfg, opts = cfg, options or FlowerOptions()
+            run_cfg, opts, run_resume = cfg, options or FlowerOptions(), resume
         server = FlowerServer(run_cfg, opts)
         try:
-            summary = server.run(grid)
+            summary = server.run(grid, resume=run_resume)
         except BaseException as e:  # run_simulation only logs a ServerApp's exception: hand it back
-            if results is not None:
-                results["error"] = e
+            if results is None:
+                raise
+            results["error"] = e
+            if isinstance(e, KeyboardInterrupt):  # a clean stop: the run said so; no thread traceback
+                return
             raise
         if results is not None:
             results.update(summary=summary, state=server.state, rows=server.rows)

@@ -35,16 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args) -> int:
-    from fedlora.sim.engine import run
+    from fedlora.sim import run
 
-    if args.resume:
-        from fedlora.sim.rundir import RunDir
+    from fedlora.runtime.rundir import RunDir
 
-        if args.config:
-            print(f"fedlora: --resume uses the config stored in {args.resume}; ignoring {args.config}")
-        cfg = load_config(RunDir.open(args.resume).path / "config.toml", args.overrides)
-    else:
-        cfg = load_config(args.config, args.overrides)
+    cfg = RunDir.command_config(args.config, args.overrides, args.resume)
     summary = run(cfg, resume=args.resume, progress=False if args.quiet else None)
     print(f"run directory: {summary['run_dir']}")
     return 0
@@ -60,7 +55,7 @@ def cmd_quickstart(args) -> int:
     from rich.console import Console
 
     from fedlora.report import compare_runs, plot_runs, print_comparison
-    from fedlora.sim.engine import run
+    from fedlora.sim import run
 
     console = Console(highlight=False)
     t0 = time.perf_counter()

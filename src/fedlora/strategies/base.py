@@ -167,6 +167,9 @@ class Strategy:
     #: different scalings (different ranks or alphas). False: factors are averaged as they are, which
     #: only means something when every client used the same s.
     mixed_scalings: ClassVar[bool] = False
+    #: Clients keep factors of their own between rounds (:meth:`personal_state` returns them), so no
+    #: single global model is what every client uses, and each client's own model is evaluated.
+    personalised: ClassVar[bool] = False
 
     def __init__(self, *, weighting: str = "samples", server_optimizer: ServerAdam | None = None):
         if weighting not in ("samples", "uniform"):

@@ -43,6 +43,7 @@ class FedSA(Strategy):
     """
 
     name = "fedsa"
+    personalised = True
 
     def __init__(self, *, keep_head_local: bool = False, rslora: bool = False, **kw):
         super().__init__(**kw)

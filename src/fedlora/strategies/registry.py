@@ -10,19 +10,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedlora.errors import ConfigError
+from fedlora.registry import Registry
 from fedlora.strategies.base import Strategy
 
-REGISTRY: dict[str, type[Strategy]] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: add a strategy under its ``name``."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} has no name")
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise TypeError(f"strategy name {cls.name!r} is taken by {REGISTRY[cls.name].__name__}")
-    REGISTRY[cls.name] = cls
-    return cls
+REGISTRY = Registry("strategy")
+#: Class decorator: add a strategy under its ``name``.
+register = REGISTRY.register
 
 
 def _strategy_class(name: str) -> type[Strategy]:

@@ -18,7 +18,7 @@ Evaluation on held-out examples:
 - ``loss``: mean negative log-likelihood per target token; ``perplexity`` = exp(loss);
 - ``accuracy``: exact match of greedy generations (at most ``generate_examples`` per call, up to
   ``max_new_tokens`` new tokens each) against the reference answer; numbers are compared after
-  GSM8K-style extraction (:mod:`fedlora.sim.answers`), other answers as normalised text;
+  GSM8K-style extraction (:mod:`fedlora.tasks.answers`), other answers as normalised text;
 - ``samples``: the first few (prompt, generation, reference, correct) for the run summary.
 
 Columns: ``prompt`` (else ``question``) is the prompt; ``solution`` (else ``answer``) the target;
@@ -38,9 +38,10 @@ import torch
 from torch import Tensor
 
 from fedlora.errors import ConfigError
-from fedlora.sim.answers import exact_match, extract_number
-from fedlora.sim.tasks import Encoded, Task, _pad, quiet_transformers
-from fedlora.sim.token_cache import cache_key, cached_features
+from fedlora.tasks.answers import exact_match, extract_number
+from fedlora.tasks.base import Encoded, Task, pad_ids, quiet_transformers
+from fedlora.tasks.registry import register
+from fedlora.tasks.token_cache import cache_key, cached_features
 
 IGNORE = -100
 
@@ -80,6 +81,7 @@ def fit_lengths(prompt: list[int], target: list[int], max_length: int) -> tuple[
     return prompt, target[: max(1, max_length - len(prompt))]
 
 
+@register
 class CausalLMTask(Task):
     """Prompt → answer fine-tuning of a decoder (``AutoModelForCausalLM``); see the module docstring.
 
@@ -182,9 +184,9 @@ class CausalLMTask(Task):
             p, t = data.features["prompt_ids"][i], data.features["target_ids"][i]
             seqs.append(p + t)
             labels.append([IGNORE] * len(p) + t)
-        batch = {"input_ids": _pad(seqs, pad_token_id(self.tokenizer)),
-                 "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
-                 "labels": _pad(labels, IGNORE)}
+        batch = {"input_ids": pad_ids(seqs, pad_token_id(self.tokenizer)),
+                 "attention_mask": pad_ids([[1] * len(s) for s in seqs], 0),
+                 "labels": pad_ids(labels, IGNORE)}
         return {k: v.to(device) for k, v in batch.items()}
 
     def loss(self, model, batch: dict[str, Tensor]) -> Tensor:

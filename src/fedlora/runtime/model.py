@@ -263,7 +263,7 @@ def load_run_model(run_dir: str | Path, base=None):
         from transformers import AutoModelForSequenceClassification
 
         from fedlora.config import load_config
-        from fedlora.sim.tasks import get_task, quiet_transformers
+        from fedlora.tasks import get_task, quiet_transformers
 
         cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
         info = json.loads((run_dir / "summary.json").read_text())

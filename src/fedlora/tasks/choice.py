@@ -32,9 +32,10 @@ import torch
 from torch import Tensor
 
 from fedlora.errors import ConfigError
-from fedlora.sim.task_causal import IGNORE, fit_lengths, pad_token_id, sequence_logprobs
-from fedlora.sim.tasks import Encoded, ScoredTask, _pad, quiet_transformers
-from fedlora.sim.token_cache import cache_key, cached_features
+from fedlora.tasks.base import Encoded, ScoredTask, pad_ids, quiet_transformers
+from fedlora.tasks.causal import IGNORE, fit_lengths, pad_token_id, sequence_logprobs
+from fedlora.tasks.registry import register
+from fedlora.tasks.token_cache import cache_key, cached_features
 
 SCORINGS = ("auto", "head", "loglik")
 LOSSES = ("choice_ce", "lm")
@@ -102,6 +103,7 @@ def model_kind(path: str) -> str:
                       "transformers; the multiple_choice task cannot score with it")
 
 
+@register
 class MultipleChoiceTask(ScoredTask):
     """Multiple choice by encoder head or decoder log-likelihood; see the module docstring.
 
@@ -210,10 +212,10 @@ class MultipleChoiceTask(ScoredTask):
                     continue
                 # a missing choice is a copy of the first one (its logit is masked out)
                 seqs = [data.features[key][i][j if j < n else 0] for i, n in zip(idx, counts) for j in range(width)]
-                batch[key] = _pad(seqs, fill).view(len(idx), width, -1)
+                batch[key] = pad_ids(seqs, fill).view(len(idx), width, -1)
             lengths = [len(data.features["input_ids"][i][j if j < n else 0]) for i, n in zip(idx, counts)
                        for j in range(width)]
-            batch["attention_mask"] = _pad([[1] * n for n in lengths], 0).view(len(idx), width, -1)
+            batch["attention_mask"] = pad_ids([[1] * n for n in lengths], 0).view(len(idx), width, -1)
         else:
             seqs, labels = [], []
             for i, n in zip(idx, counts):
@@ -222,9 +224,9 @@ class MultipleChoiceTask(ScoredTask):
                     c = data.features["choice_ids"][i][j if j < n else 0]
                     seqs.append(p + c)
                     labels.append([IGNORE] * len(p) + c)
-            batch["input_ids"] = _pad(seqs, pad_token_id(self.tokenizer))
-            batch["attention_mask"] = _pad([[1] * len(s) for s in seqs], 0)
-            batch["token_labels"] = _pad(labels, IGNORE)
+            batch["input_ids"] = pad_ids(seqs, pad_token_id(self.tokenizer))
+            batch["attention_mask"] = pad_ids([[1] * len(s) for s in seqs], 0)
+            batch["token_labels"] = pad_ids(labels, IGNORE)
         return {k: v.to(device) for k, v in batch.items()}
 
     def scores(self, model, batch: dict[str, Tensor]) -> Tensor:

@@ -15,7 +15,7 @@
       base_delta.safetensors   only for strategies that merge into the base (fedex, flora): the total
                                change to the frozen base weights, keyed by the base model's weight
                                names; add it to the base before loading the adapter
-                               (``fedlora.sim.model.load_run_model`` does both)
+                               (``fedlora.runtime.model.load_run_model`` does both)
 
 A temporary file plus ``os.replace`` makes every write all-or-nothing: an interrupted run leaves
 the previous complete version of each file. metrics.jsonl is appended to, a row then the
@@ -43,21 +43,11 @@ from torch import Tensor
 
 from fedlora.config import RESUMABLE_KEYS, RunConfig, format_diff, load_config, settings_diff, to_toml
 from fedlora.errors import ConfigError
+from fedlora.files import atomic_torch_save, atomic_write
 from fedlora.factors import Adapter, LoRAPair
 from fedlora.strategies.base import GlobalState
 
 CHECKPOINT_VERSION = 1
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (all or nothing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 #: the signals that stop a run cleanly: Ctrl-C, and SIGTERM (``kill``, a batch scheduler, a container stop)
@@ -88,6 +78,45 @@ def signals_deferred() -> Iterator[None]:
         handler(signum, frame)
     elif handler != signal.SIG_IGN:
         raise KeyboardInterrupt
+
+
+#: A stop asked for where no KeyboardInterrupt can be raised: the round loop runs in a thread that
+#: gets no signals (a Flower simulation's ServerApp thread), so the main thread's handler sets this
+#: and the loop (and a transport waiting for replies) raises KeyboardInterrupt at its next check.
+stop_requested = threading.Event()
+
+
+def raise_if_stopped() -> None:
+    """KeyboardInterrupt if a stop was requested (see :data:`stop_requested`)."""
+    if stop_requested.is_set():
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def signals_set_stop() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM set :data:`stop_requested` instead of raising, for a
+    main thread that waits while another thread runs the loop (cleared on entry and exit). A second
+    signal raises KeyboardInterrupt as usual. Main thread only."""
+    stop_requested.clear()
+    if threading.current_thread() is not threading.main_thread():
+        try:
+            yield
+        finally:
+            stop_requested.clear()
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
+        stop_requested.set()
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        stop_requested.clear()
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -218,6 +247,17 @@ class RunDir:
             raise ConfigError(f"--resume {str(path)!r}: no config.toml there, so it is not a fedlora run directory")
         return rd
 
+    @staticmethod
+    def command_config(config: str | None, overrides: list[str], resume: str | None) -> RunConfig:
+        """The config a ``run`` / ``flower sim`` command line asks for: ``config`` with the overrides,
+        or with ``--resume`` the run's own config.toml with them (a config file given too is ignored,
+        and the command says so)."""
+        if not resume:
+            return load_config(config, overrides)
+        if config:
+            print(f"fedlora: --resume uses the config stored in {resume}; ignoring {config}")
+        return load_config(RunDir.open(resume).path / "config.toml", overrides)
+
     # ---- resuming ----------------------------------------------------------------------------------
     def check_resume_config(self, cfg: RunConfig) -> None:
         """A resumed run may change only what leaves the trained model's shape and data alone (more
@@ -328,10 +368,7 @@ class RunDir:
             "base_merged": dict(base_merged),
             "extra": dict(extra),
         }
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_name(f".{self.checkpoint_path.name}.{os.getpid()}.tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        atomic_torch_save(blob, self.checkpoint_path)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The last checkpoint as {round, state: GlobalState, personal, base_merged, extra}; None if

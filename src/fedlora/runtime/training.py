@@ -1,4 +1,6 @@
-"""One client's local training: its batches, a fresh optimiser, a schedule, the strategy's regulariser.
+"""One client's round, on either engine: :func:`client_round` starts from the global state (and the
+client's personal state), trains locally (:func:`local_train`: its batches, a fresh optimiser, a
+schedule, the strategy's regulariser) and transforms the result before upload.
 
 Randomness is keyed by (seed, round, client) alone (batch order and dropout), so a client's round is
 reproducible on its own, whatever ran before it: the basis of resuming a run.
@@ -11,6 +13,7 @@ import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +22,10 @@ from torch import Tensor
 from fedlora.config import TrainSection
 from fedlora.errors import FedLoRAError
 from fedlora.factors import Adapter
+from fedlora.strategies import ClientContext, GlobalState
+
+if TYPE_CHECKING:
+    from fedlora.runtime.federation import Federation
 
 
 class ClientTrainingError(FedLoRAError):
@@ -124,3 +131,29 @@ def local_train(shared, task, data, indices: np.ndarray, *, cfg: TrainSection, l
         total += float(loss.detach())
         done += 1
     return LocalResult(shared.read(), total / max(done, 1), done)
+
+
+def client_round(fed: Federation, state: GlobalState, personal: Adapter | None, ctx: ClientContext,
+                 loss_fn=None) -> tuple[LocalResult, Adapter | None, Adapter | None, dict]:
+    """Train client ``ctx.client_id`` from ``state``; returns (result, upload adapter, personal state,
+    info). The upload adapter is None when training failed (``result.error`` says why)."""
+    strategy, cfg = fed.strategy, fed.cfg
+    start = strategy.client_start(state, personal, ctx)
+    rank = next(iter(start.layers.values())).rank
+    scaling = strategy.scaling(ctx, rank)
+    fed.shared.load(start, scaling)
+    reference = start.to(device=fed.device)  # the regulariser compares live (device) factors with it
+    indices = fed.client_train[ctx.client_id]
+    result = local_train(
+        fed.shared, fed.task, fed.train, indices, cfg=cfg.train,
+        lr=cfg.train.lr * cfg.train.round_lr_decay ** ctx.round,
+        steps=steps_for(len(indices), cfg.train), parts=strategy.trainable(ctx.round),
+        train_extras=strategy.trains_extras(ctx.round),
+        regularizer=lambda live: strategy.regularizer(live, reference, scaling),
+        seed=client_seed(cfg.run.seed, ctx.round, ctx.client_id), device=fed.device,
+        autocast=fed.autocast(), loss_fn=loss_fn, client_id=ctx.client_id)
+    if result.adapter is None:
+        return result, None, personal, {}
+    adapter, info = strategy.before_upload(result.adapter, start, ctx)
+    info = dict(info, scaling=scaling)
+    return result, adapter, strategy.personal_state(adapter), info

@@ -1,7 +1,7 @@
 """The on-disk cache of tokenised splits, shared by the task types.
 
 A split is tokenised once per (tokenizer, max length, task, task settings, texts) and stored under
-:func:`fedlora.sim.tasks.cache_dir`; the key is a SHA-256 over all of them, so any change to the
+:func:`fedlora.tasks.base.cache_dir`; the key is a SHA-256 over all of them, so any change to the
 data or the settings tokenises afresh. A damaged cache file is rebuilt, never trusted.
 """
 
@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from fedlora.sim.tasks import _atomic_torch_save, cache_dir
+from fedlora.files import atomic_torch_save
+from fedlora.tasks.base import cache_dir
 
 
 def cache_key(tokenizer, max_length: int, task: str, settings: Iterable[str], texts: Iterable[object]) -> str:
@@ -36,5 +37,5 @@ def cached_features(task: str, key: str, build: Callable[[], dict[str, Any]]) ->
         except Exception:  # a damaged cache file is rebuilt, never trusted
             pass
     features = build()
-    _atomic_torch_save({"features": features}, path)
+    atomic_torch_save({"features": features}, path)
     return features, {"cache": str(path), "cached": False}
