@@ -47,7 +47,7 @@ def grid_command(args, out: Path, jobs: int) -> list[str]:
 
 
 def best_accuracies(out: Path) -> dict[str, float]:
-    from fedlora.experiments import find_runs
+    from fedlora.experiments.grid import find_runs
 
     return {f"{r['setting']}/{r['strategy']}/seed-{r['seed']}": json.load(open(Path(r["run_dir"]) / "summary.json"))
             ["best_accuracy"] for r in find_runs(out)}

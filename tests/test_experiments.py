@@ -13,7 +13,7 @@ import pytest
 from fedlora.cli import build_parser, main
 from fedlora.config import load_config
 from fedlora.errors import ConfigError, FedLoRAError
-from fedlora.experiments import cell_status, expand_grid, parse_grid, parse_seeds
+from fedlora.experiments.grid import cell_status, expand_grid, parse_grid, parse_seeds
 from fedlora.sim import run
 from sim_tiny import tiny_fixture, tiny_overrides
 
@@ -343,7 +343,7 @@ def _loss(model, batch):
 def test_report_lists_unfinished_runs_apart_and_does_not_average_them(grid, tmp_path, capsys):
     from rich.console import Console
 
-    from fedlora.report import compare_runs, print_comparison
+    from fedlora.experiments.report import compare_runs, print_comparison
 
     out = tmp_path / "g"
     shutil.copytree(grid, out)
@@ -396,7 +396,7 @@ def test_report_lists_unfinished_runs_apart_and_does_not_average_them(grid, tmp_
 
 
 def test_report_names_unreadable_metrics(grid, tmp_path):
-    from fedlora.report import plot_runs
+    from fedlora.experiments.report import plot_runs
 
     out = tmp_path / "g"
     shutil.copytree(grid, out)

@@ -274,7 +274,7 @@ def test_ctrl_c_between_the_metrics_row_and_the_checkpoint_keeps_them_in_step(ti
 
 
 def test_report_table_and_plot(tiny, tmp_path, capsys):
-    from fedlora.report import compare_runs, plot_runs, print_comparison
+    from fedlora.experiments.report import compare_runs, plot_runs, print_comparison
 
     dirs = [run(cfg_for(tiny, f"report-{s}", strategy__name=f'"{s}"'), log=lambda m: None)["run_dir"]
             for s in ("fedit", "ffa")]

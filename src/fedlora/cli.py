@@ -12,10 +12,10 @@ from fedlora.errors import FedLoRAError
 # subcommand modules; each defines ``register(subparsers)`` which adds its parsers and sets
 # ``func`` on them (a callable taking the parsed args and returning an exit code).
 COMMAND_MODULES = [
-    "fedlora.commands.demo",
+    "fedlora.experiments.demo",
     "fedlora.assets.cli",
     "fedlora.sim.cli",
-    "fedlora.commands.compare",
+    "fedlora.experiments.cli",
     "fedlora.flower.cli",
 ]
 

@@ -2,7 +2,7 @@
 
 ``fedlora.sim.run(config)`` runs a federation (the shared round loop, :mod:`fedlora.runtime.loop`,
 over the in-process transport, :mod:`fedlora.sim.transport`); ``fedlora run CONFIG.toml`` is its
-command line (:mod:`fedlora.sim.cli`, with ``fedlora quickstart``).
+command line (:mod:`fedlora.sim.cli`).
 """
 
 from __future__ import annotations

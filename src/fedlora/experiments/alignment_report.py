@@ -16,7 +16,7 @@ of the same settings (strategy options apart): the mean over rounds of the per-r
 ratio of the means over rounds. Each is computed per seed, then mean ± population std over seeds.
 
 Only the runs the grid report averages (completed, readable) are used; their rows are read with
-:func:`fedlora.report.read_metrics`.
+:func:`fedlora.experiments.report.read_metrics`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 from fedlora.config import fingerprint, result_settings
 from fedlora.errors import ConfigError
-from fedlora.report import (
+from fedlora.experiments.report import (
     REPORT_IGNORE,
     _cell,
     _mean,
@@ -143,7 +143,7 @@ def paired_ratios(mine: dict[int, dict[str, Any]], fedit: dict[int, dict[str, An
 
 def alignment_section(settings: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     """summary.md's "Aggregation error by aligned factor" section and ``plots/aligned-factor.png``
-    for the averaged runs of a grid (``settings`` as :func:`fedlora.report._collect` gives them);
+    for the averaged runs of a grid (``settings`` as :func:`fedlora.experiments.report._collect` gives them);
     no lines when the grid holds no fedrot run."""
     if not any(r["strategy"] == "fedrot" for group in settings.values() for r in group):
         return []

@@ -271,7 +271,7 @@ def run_label(cfg: RunConfig, setting: str, varying: Collection[str] = ()) -> st
     already says (``fedsa[rslora=true]`` beside ``fedsa``, but ``fedrot``, not ``fedrot[lam=0.2]``,
     under the setting ``lam-0.2``), and every ``varying`` key its config sets
     (``fedit[train.lr=0.001]``)."""
-    from fedlora.experiments import _slug
+    from fedlora.experiments.grid import _slug
 
     named = set(setting.split("_"))
     extra = []
@@ -306,7 +306,7 @@ def _collect(roots: Sequence[Path]) -> tuple[dict[str, list[dict[str, Any]]], li
     stats (with seed, run_dir and label) of its runs that can be averaged; a setting of the same name
     in two roots is one setting, and within it one label is one set of result settings. ``apart``:
     the other runs (unfinished, failed, unreadable), each with its run_dir, label and ``why``."""
-    from fedlora.experiments import find_runs
+    from fedlora.experiments.grid import find_runs
 
     runs = []
     for root in roots:
@@ -495,7 +495,7 @@ def grid_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
         slug = setting.replace("/", "__")
         plot = _save_figure(fig, out / "plots" / f"{slug}.png")
         lines += ["", f"![{setting}]({plot.relative_to(out).as_posix()})", ""]
-    from fedlora.alignment_report import alignment_section  # here: it imports this module
+    from fedlora.experiments.alignment_report import alignment_section  # here: it imports this module
 
     lines += alignment_section(settings, out)  # FedRot's rounds split by the aligned factor; none without fedrot
     if apart:
