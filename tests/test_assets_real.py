@@ -170,7 +170,9 @@ def test_sarcasm_second_load_is_cached_and_identical(sarcasm):
     assert time.monotonic() - start < 10
     assert again["test"]["text"] == sarcasm["test"]["text"]
     assert again["test"]["label"] == sarcasm["test"]["label"]
-    assert assets.resolve_dataset("sarcasm")["validation"]["text"][:5] == sarcasm["validation"]["text"][:5]
+    from fedlora.data import read_source
+
+    assert read_source("sarcasm")["validation"]["text"][:5] == sarcasm["validation"]["text"][:5]
 
 
 # ---------------------------------------------------------------- the other datasets (skip if unreachable)

@@ -168,3 +168,19 @@ def test_compressed_and_parquet_files_are_checked_too(tmp_path):
     empty = write(tmp_path, "parquet", rows=pd.DataFrame({"sentence": [], "sentiment": []}), name="empty")
     with pytest.raises(ConfigError, match=rf"data file '{empty}' has no rows"):
         load_source(empty)
+
+
+def test_the_run_path_and_the_model_path_share_one_hub_error(tmp_path, monkeypatch):
+    """load_source (what a run calls) fails on a switched-off hub with the HubUnavailableError that
+    resolve_model raises, naming catalog datasets only, never a model."""
+    import huggingface_hub.constants
+
+    from fedlora.hub import HubUnavailableError
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubUnavailableError, match=r"switched off.*'gsm-symbolic'"):
+        load_source("openai/gsm8k", cache_dir=tmp_path / "cache")
+    with pytest.raises(HubUnavailableError) as caught:
+        load_source("minilm-data", cache_dir=tmp_path / "cache")
+    assert "'minilm'" not in str(caught.value)

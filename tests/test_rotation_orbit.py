@@ -31,10 +31,11 @@ RANK, ALPHA, BATCH = 4, 8, 16
 def lora_grads():
     """For each adapted layer: (A, B, ∇_A L, ∇_B L) in float64, L the classification loss of one
     real batch of sarcasm headlines through MiniLM with PEFT LoRA (r = 4, dropout 0)."""
-    from fedlora.assets import AssetError, resolve_dataset, resolve_model
+    from fedlora.assets import AssetError, resolve_model
+    from fedlora.data import read_source
 
     try:
-        resolve_dataset("sarcasm")
+        read_source("sarcasm")
         path = resolve_model("minilm")
     except AssetError as e:  # no registry and no cache: nothing real to run on
         pytest.skip(f"catalog assets unavailable: {e}")

@@ -181,10 +181,11 @@ def test_resuming_with_fewer_rounds_than_done_is_an_error(two_rounds, capsys):
 def test_minilm_resume_refuses_a_changed_model_setting_and_accepts_more_rounds(tmp_path, capsys):
     """On the real MiniLM: `--resume --set lora.r=8` fails before anything loads, naming lora.r,
     and leaves the run as it was; `--set train.rounds=2` then continues it."""
-    from fedlora.assets import AssetError, resolve_dataset, resolve_model
+    from fedlora.assets import AssetError, resolve_model
+    from fedlora.data import read_source
 
     try:
-        resolve_dataset("sarcasm")
+        read_source("sarcasm")
         resolve_model("minilm")
     except AssetError as e:
         pytest.skip(f"catalog assets unavailable: {e}")

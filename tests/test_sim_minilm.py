@@ -12,10 +12,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def minilm():
-    from fedlora.assets import AssetError, resolve_dataset, resolve_model
+    from fedlora.assets import AssetError, resolve_model
+    from fedlora.data import read_source
 
     try:
-        resolve_dataset("sarcasm")
+        read_source("sarcasm")
         return resolve_model("minilm")
     except AssetError as e:  # no registry and no cache: nothing real to run on
         pytest.skip(f"catalog assets unavailable: {e}")

@@ -9,8 +9,9 @@ configuration), reduced to the members it needs, and kept in ``$FEDLORA_CACHE`` 
     >>> path = model_path("minilm")            # a Hugging Face folder
     >>> dd = load_dataset("sarcasm")            # DatasetDict: train / validation / test
 
-Names outside the catalog go to the normal path: :func:`resolve_model` and
-:func:`resolve_dataset` accept hub ids, local folders and local csv/jsonl/parquet files.
+Names outside the catalog go to the normal path: :func:`resolve_model` accepts hub ids and local
+folders; datasets of every kind (catalog, local files, hub ids) load through
+:func:`fedlora.data.read_source` and :func:`fedlora.data.load_source`.
 
 Importing this package is light: torch, transformers and datasets load only when an asset is
 built or loaded.
@@ -31,7 +32,7 @@ from fedlora.assets.catalog import (
     suggest,
 )
 from fedlora.assets.fetch import AssetError, cache_root
-from fedlora.assets.resolve import HubUnavailableError, resolve_dataset, resolve_model
+from fedlora.assets.resolve import HubUnavailableError, resolve_model
 
 
 def model_path(name: str) -> Path:
@@ -81,7 +82,6 @@ __all__ = [
     "is_catalog_model",
     "load_dataset",
     "model_path",
-    "resolve_dataset",
     "resolve_model",
     "suggest",
 ]

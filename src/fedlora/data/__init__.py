@@ -1,6 +1,7 @@
 """Data for federated runs: sources (catalog, files, Hub), partitioners, partition summaries.
 
-``fedlora.data`` imports no model code; ``datasets`` is loaded on first use of ``load_source``
+``fedlora.data`` imports no model code; ``datasets`` is loaded on first use of ``load_source`` or
+``read_source``
 and matplotlib on first use of ``plot_partition``.
 """
 
@@ -16,13 +17,14 @@ __all__ = [
     "partition",
     "partition_summary",
     "plot_partition",
+    "read_source",
 ]
 
 
 def __getattr__(name: str):
-    # load_source pulls in `datasets` (about a second to import); partitioning does not need it.
-    if name == "load_source":
-        from fedlora.data.sources import load_source
+    # the loaders pull in `datasets` (about a second to import); partitioning does not need it.
+    if name in ("load_source", "read_source"):
+        from fedlora.data import sources
 
-        return load_source
+        return getattr(sources, name)
     raise AttributeError(f"module 'fedlora.data' has no attribute {name!r}")

@@ -10,15 +10,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
-import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from urllib.parse import urlparse
 
 import datasets
 
 from fedlora.data.checks import check_classes, check_rows, is_one_file, raise_file_problem, root_cause, row_origin
 from fedlora.errors import ConfigError
+from fedlora.hub import HubUnavailableError, catalog_hint, hub_reachable, why_unavailable
 
 # File extension -> the `datasets` packaged builder that reads it. Compression suffixes are peeled
 # off first because `datasets` decompresses .gz/.bz2/.xz/.zst transparently.
@@ -35,9 +34,7 @@ _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
 FORMATS = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
 # Splits that stand in for a missing "validation" split, in order of preference.
 VALIDATION_FALLBACKS = ("validation_matched", "test")
-# How long the reachability probe waits before treating the Hub as offline. `datasets` itself
-# retries a dead connection for ~20 s per file, which is what "never hang" rules out.
-HUB_PROBE_TIMEOUT_S = 3.0
+__all__ = ["hub_reachable", "load_source", "read_source"]
 
 
 def load_source(
@@ -85,24 +82,9 @@ def load_source(
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ConfigError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
-    kwargs = {"cache_dir": os.fspath(cache_dir)} if cache_dir is not None else {}
-    if isinstance(source, os.PathLike):
-        source = os.fspath(source)
+    source, data_files = _normalise(source, data_files)
     label = _describe(source)
-
-    catalog = None if data_files is not None else _catalog_dataset(source)
-    files = None  # split -> local files, for naming the file of a bad row
-    if catalog is not None:
-        loaded = catalog
-    else:
-        local = _local_files(source, data_files)  # None only for a str that names no file
-        loaded = _load_hub(source, kwargs) if local is None else _load_files(*local, label, kwargs)
-        files = None if local is None else local[1]
-
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
-    if not isinstance(loaded, datasets.DatasetDict):
-        raise ConfigError(f"source {label}: expected a Dataset or DatasetDict, got {type(loaded).__name__}")
+    loaded, files = _read(source, data_files, cache_dir)
     if "train" not in loaded:
         raise ConfigError(f"source {label} has no 'train' split; it has {', '.join(loaded) or 'no splits'}")
 
@@ -113,6 +95,53 @@ def load_source(
     loaded = _encode_labels(loaded)
     check_classes(loaded, columns or {}, where)
     return _ensure_validation(loaded, validation_fraction, seed, label)
+
+
+def read_source(
+    source: str | os.PathLike | Sequence[str] | Mapping[str, str | list[str]],
+    *,
+    data_files: str | list[str] | Mapping[str, str | list[str]] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> datasets.DatasetDict:
+    """The source's splits as they are stored: the first half of :func:`load_source`, with no column
+    mapping, label encoding, row checks or validation split. Files given without split names (a
+    path, a folder, a list) come back as one ``"train"`` split; ``source`` may also be a mapping of
+    split name to files. A missing, empty or unreadable file, an unknown name, or a hub that is
+    switched off or unreachable (:class:`~fedlora.hub.HubUnavailableError`) raise ConfigError."""
+    source, data_files = _normalise(source, data_files)
+    return _read(source, data_files, cache_dir)[0]
+
+
+def _normalise(source, data_files):
+    """(source, data_files) with paths as strings and a split mapping given as ``source`` moved to
+    ``data_files``."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if isinstance(source, Mapping):
+        if data_files is not None:
+            raise ConfigError("source: a mapping of split name to files, and data_files as well; give one")
+        data_files = {str(k): _as_list(v) for k, v in source.items()}
+        source = str(data_files)
+    return source, data_files
+
+
+def _read(source, data_files, cache_dir) -> tuple[datasets.DatasetDict, dict[str, list[str]] | None]:
+    """(the DatasetDict as stored, {split: local files} or None) for a normalised source."""
+    kwargs = {"cache_dir": os.fspath(cache_dir)} if cache_dir is not None else {}
+    label = _describe(source)
+    catalog = None if data_files is not None else _catalog_dataset(source)
+    files = None  # split -> local files, for naming the file of a bad row
+    if catalog is not None:
+        loaded = catalog
+    else:
+        local = _local_files(source, data_files)  # None only for a str that names no file
+        loaded = _load_hub(source, kwargs) if local is None else _load_files(*local, label, kwargs)
+        files = None if local is None else local[1]
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise ConfigError(f"source {label}: expected a Dataset or DatasetDict, got {type(loaded).__name__}")
+    return loaded, files
 
 
 def _describe(source) -> str:
@@ -134,19 +163,6 @@ def _catalog_dataset(source):
     if not assets.is_catalog_dataset(source):
         return None
     return assets.load_dataset(source)
-
-
-def _catalog_suggestions(name: str) -> str:
-    """A ' Closest catalog datasets: ...' hint, or '' when the catalog has none to offer."""
-    try:
-        from fedlora import assets
-    except ImportError:
-        return ""
-    try:
-        close = list(assets.suggest(name))
-    except Exception:  # the hint must never mask the real error
-        return ""
-    return f" Closest catalog datasets: {', '.join(close)}." if close else ""
 
 
 # --- local files -------------------------------------------------------------------------------
@@ -212,7 +228,8 @@ def _common_builder(files: list[str], label: str) -> str:
         raise ConfigError(f"data files {bad} have no known extension ({', '.join(sorted(BUILDERS))})")
     builders = {_builder_for(f) for f in files}
     if len(builders) != 1:
-        raise ConfigError(f"data files {label} mix formats ({', '.join(sorted(builders))}); use one format")
+        raise ConfigError(f"data files {label} mix formats ({', '.join(sorted(builders))}); use one of "
+                          "csv/tsv, json/jsonl/ndjson or parquet")
     return builders.pop()
 
 
@@ -248,24 +265,6 @@ def _hub_candidates(source: str) -> list[tuple[str, str | None]]:
     return [(source, None)]
 
 
-def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether the Hub endpoint accepts a TCP connection within ``timeout`` seconds.
-
-    False at once in offline mode (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``).
-    """
-    if datasets.config.HF_HUB_OFFLINE:
-        return False
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def _offline_mode() -> Iterator[None]:
     """Run ``datasets`` in offline mode (cache only) without touching the environment for good.
@@ -284,7 +283,7 @@ def _offline_mode() -> Iterator[None]:
 
 
 def _load_hub(source: str, kwargs: dict) -> datasets.DatasetDict:
-    online = hub_reachable()
+    online = hub_reachable(datasets=True)
     context = contextlib.nullcontext() if online else _offline_mode()
     errors = []
     with context:
@@ -293,12 +292,13 @@ def _load_hub(source: str, kwargs: dict) -> datasets.DatasetDict:
                 return datasets.load_dataset(path, config, **kwargs)
             except (OSError, ValueError) as e:  # ConnectionError and DatasetNotFoundError are OSErrors
                 errors.append(f"{path}" + (f" (config {config})" if config else "") + f": {e}")
-    where = "the Hub" if online else "the local cache (the Hub is unreachable or offline mode is on)"
-    hint = _catalog_suggestions(source)
-    raise ConfigError(
-        f"dataset {source!r} is not a catalog dataset, a local file, or a dataset found in {where}."
-        f"{hint} Tried: {'; '.join(errors)}"
-    )
+    tried = f" Tried: {'; '.join(errors)}"
+    if online:
+        raise ConfigError(f"dataset {source!r} is not a catalog dataset, a local file, or a dataset found on the "
+                          f"Hugging Face hub.{catalog_hint(source, 'dataset')}{tried}")
+    raise HubUnavailableError(
+        f"dataset {source!r} is not a catalog dataset, a local file, or a dataset found in the local cache; the "
+        f"Hugging Face hub {why_unavailable(datasets=True)}.{catalog_hint(source, 'dataset')}{tried}")
 
 
 # --- columns, labels, splits -------------------------------------------------------------------
