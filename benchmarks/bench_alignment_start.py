@@ -12,6 +12,8 @@ computes the hard (λ = 1) Procrustes rotation that aligns A, B, or both jointly
 - ‖R − I‖_F;
 - what the rotation does to each factor's distance from its reference: ‖Rᵀ A_k − A_ref‖ / ‖A_k − A_ref‖
   and ‖B_k R − B_ref‖ / ‖B_k − B_ref‖ (1 = unchanged, < 1 = closer, > 1 = pushed away);
+- with ``+guard`` (FedRot's ``guard = true``, :func:`fedlora.align.guard_rotation`), the share of
+  (client, layer) rotations the guard put back to the identity;
 - the round's relative aggregation error ‖mean(B_k A_k) − mean(B_k)·mean(A_k)‖ / ‖mean(B_k A_k)‖ over all
   layers, for the unrotated uploads (fedit) and for each alignment.
 
@@ -45,7 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fedlora.align import alignment_rotation, rotate  # noqa: E402
+from fedlora.align import alignment_rotation, guard_rotation, rotate  # noqa: E402
 from fedlora.assets import resolve_model  # noqa: E402
 from fedlora.data import load_source  # noqa: E402
 from fedlora.data.partition import partition  # noqa: E402
@@ -54,7 +56,7 @@ from fedlora.runtime.model import SharedModel, load_tokenizer  # noqa: E402
 from fedlora.files import atomic_write  # noqa: E402
 from fedlora.tasks import get_task  # noqa: E402
 
-ALIGNS = ("A", "B", "joint")
+ALIGNS = ("A", "B", "joint", "A+guard", "B+guard")  # "+guard": FedRot's guard=true
 
 
 def stacked(adapter: Adapter, names: list[str]) -> LoRAPair:
@@ -78,9 +80,13 @@ def measure(clients: list[LoRAPair], ref: LoRAPair) -> dict:
            "step_norm_B": float(statistics.mean(float((c.B - ref.B).norm(dim=(-2, -1)).mean()) for c in clients)),
            "agg_error": {"fedit": rel_aggregation_error(clients)}}
     for how in ALIGNS:
-        sizes, ratio_a, ratio_b, rotated = [], [], [], []
+        sizes, ratio_a, ratio_b, rotated, reset = [], [], [], [], []
+        factor, guard = how.split("+")[0], how.endswith("+guard")
         for c in clients:
-            R = alignment_rotation(c, ref, how, lam=1.0, what=f"align {how}")
+            R = alignment_rotation(c, ref, factor, lam=1.0, what=f"align {how}")
+            if guard:
+                R, was_reset = guard_rotation(c, ref, R)
+                reset += was_reset.tolist()
             q = rotate(c, R)
             rotated.append(q)
             sizes += torch.linalg.matrix_norm(R - eye).tolist()
@@ -89,6 +95,8 @@ def measure(clients: list[LoRAPair], ref: LoRAPair) -> dict:
         out[how] = {"rot_median": statistics.median(sizes), "rot_max": max(sizes),
                     "dA_ratio_median": statistics.median(ratio_a), "dA_ratio_max": max(ratio_a),
                     "dB_ratio_median": statistics.median(ratio_b), "dB_ratio_max": max(ratio_b)}
+        if guard:
+            out[how]["guarded_fraction"] = sum(reset) / len(reset)
         out["agg_error"][how] = rel_aggregation_error(rotated)
     return out
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fedlora.align import (
     alignment_rotation,
+    guard_rotation,
     haar_rotation,
     procrustes,
     rotate,
@@ -242,3 +243,46 @@ def test_unknown_aligned_factor_is_named():
     pair, ref = joint_instance(2, 0)
     with pytest.raises(ConfigError, match="got 'AB'"):
         alignment_rotation(pair, ref, "AB")
+
+
+# ---- the guard: a layer's rotation is kept only if the pair ends no further from its reference ------
+
+def test_the_guard_resets_exactly_the_layers_that_a_rotation_moves_away_from_the_reference():
+    """Against the dense joint objective: the guard keeps R where the objective does not grow, puts
+    back the identity where it does, layer by layer in a batch; products are kept either way."""
+    pairs, refs, kept = [], [], 0
+    for seed in range(24):
+        pair, ref = joint_instance(3, seed, b_ref_scale=[0.01, 1.0, 3.0][seed % 3])
+        pairs.append(pair)
+        refs.append(ref)
+    batch = LoRAPair(torch.stack([p.A for p in pairs]), torch.stack([p.B for p in pairs]))
+    ref_batch = LoRAPair(torch.stack([r.A for r in refs]), torch.stack([r.B for r in refs]))
+    R = alignment_rotation(batch, ref_batch, "B", lam=1.0)
+    guarded, reset = guard_rotation(batch, ref_batch, R)
+    for i, (pair, ref) in enumerate(zip(pairs, refs)):
+        before = float(joint_objective(np.eye(3), pair, ref))
+        after = float(joint_objective(R[i].numpy(), pair, ref))
+        assert bool(reset[i]) == (after > before), i
+        expected = torch.eye(3, dtype=R.dtype) if after > before else R[i]
+        assert torch.equal(guarded[i], expected)
+        kept += after <= before
+        out = rotate(pair, guarded[i])
+        torch.testing.assert_close(out.B @ out.A, pair.B @ pair.A, rtol=1e-12, atol=1e-12)
+    assert 0 < kept < len(pairs)  # the instances exercise both outcomes
+
+
+def test_the_guard_never_resets_the_joint_rotation_and_catches_b_against_a_small_reference():
+    for seed in range(10):
+        pair, ref = joint_instance(4, seed, b_ref_scale=0.01)
+        _, reset = guard_rotation(pair, ref, alignment_rotation(pair, ref, "joint", lam=1.0))
+        assert not bool(reset)
+    # a client one small step from its reference, whose reference B is tiny: aligning B rotates
+    # by noise and moves A far; the guard sends the layer unrotated
+    g = torch.Generator().manual_seed(7)
+    ref = LoRAPair(torch.randn(4, 16, generator=g, dtype=torch.float64), 1e-4 * torch.randn(20, 4, generator=g, dtype=torch.float64))
+    pair = LoRAPair(ref.A + 1e-3 * torch.randn(4, 16, generator=g, dtype=torch.float64),
+                    ref.B + 1e-3 * torch.randn(20, 4, generator=g, dtype=torch.float64))
+    R = alignment_rotation(pair, ref, "B", lam=1.0)
+    assert float(torch.linalg.matrix_norm(R - torch.eye(4, dtype=R.dtype))) > 0.1
+    R_guarded, reset = guard_rotation(pair, ref, R)
+    assert bool(reset) and torch.equal(R_guarded, torch.eye(4, dtype=R.dtype))

@@ -235,6 +235,35 @@ def test_rotation_size_from_fedrot_info():
         rotation_sizes(bad)
 
 
+def test_fedrot_guard_reports_the_layers_it_left_unrotated_and_the_round_counts_them():
+    """A client a small step from a reference whose B is tiny (the first rounds): aligning B moves
+    the pair away, so the guard sends those layers unrotated, with the same product as unguarded."""
+    g = torch.Generator().manual_seed(9)
+    ref = rand_adapter([(16, 12), (16, 16)], [3, 3], g).map(lambda n, p: LoRAPair(p.A, 1e-4 * p.B))
+    plain, guarded = get_strategy("fedrot", lam=1.0, align="B"), get_strategy("fedrot", lam=1.0, align="B", guard=True)
+    state = guarded.init_state(ref)
+    updates, unguarded_sizes = [], []
+    for k in range(3):
+        trained = ref.map(lambda n, p: LoRAPair(p.A + 1e-3 * torch.randn(p.A.shape, generator=g, dtype=F64),
+                                                p.B + 1e-3 * torch.randn(p.B.shape, generator=g, dtype=F64)))
+        ctx = ClientContext(client_id=k, round=2)
+        _, plain_info = plain.before_upload(trained, state.adapter, ctx)
+        ad, info = guarded.before_upload(trained, state.adapter, ctx)
+        unguarded_sizes += plain_info["rotation_size"].values()
+        assert sorted(info["guarded"]) == sorted(info["rotation_size"])  # every layer was reset ...
+        assert all(v == 0.0 for v in info["rotation_size"].values())
+        for name, pair in ad.layers.items():  # ... so the client sends what it trained
+            assert torch.equal(pair.A, trained.layers[name].A) and torch.equal(pair.B, trained.layers[name].B)
+        updates.append(ClientUpdate(client_id=k, adapter=ad, info=info))
+    assert min(unguarded_sizes) > 0.1  # without the guard every layer turns by noise
+    diag = round_diagnostics(updates, [1, 1, 1], guarded.aggregate(updates, state))
+    assert diag.guarded_fraction == 1.0 and diag.to_dict()["guarded_fraction"] == 1.0
+    with pytest.raises(Exception, match="guard=true needs gauge='procrustes'"):
+        get_strategy("fedrot", guard=True, gauge="random")
+    with pytest.raises(Exception, match="expected true or false"):
+        get_strategy("fedrot", guard="yes")
+
+
 def test_to_dict_is_json_friendly():
     import json
 

@@ -143,6 +143,35 @@ def rotate(pair: LoRAPair, R: Tensor) -> LoRAPair:
     return LoRAPair((R.mT @ pair.A.to(dt)).to(pair.A.dtype), (pair.B.to(dt) @ R).to(pair.B.dtype))
 
 
+def joint_distance(pair: LoRAPair, ref: LoRAPair) -> Tensor:
+    """‖A − A_ref‖²_F + ‖B − B_ref‖²_F per layer (a scalar, or one value per batched layer), in
+    float32 or float64: how far a layer's factors sit from the reference, both factors counted."""
+    dt = _work_dtype(pair.A)
+    dA = (pair.A.to(dt) - ref.A.to(dt)).square().sum(dim=(-2, -1))
+    dB = (pair.B.to(dt) - ref.B.to(dt)).square().sum(dim=(-2, -1))
+    return dA + dB
+
+
+def guard_rotation(pair: LoRAPair, ref: LoRAPair, R: Tensor) -> tuple[Tensor, Tensor]:
+    """(R with the identity put back wherever rotating would move that layer's factors, both
+    counted, further from the reference; a bool mask of the layers so reset).
+
+    Aligning one factor against a reference that is small (B in the first rounds after its zero
+    initialisation) fixes R by noise and, because R also rotates the other factor, can push that
+    factor far from its own reference. The guard keeps a layer's rotation only when
+    :func:`joint_distance` after it is no larger than before, so it never makes the pair as a whole
+    less aligned; the joint Procrustes rotation minimises that distance and is never reset (up to
+    round-off, which the test allows for)."""
+    before = joint_distance(pair, ref)
+    after = joint_distance(rotate(pair, R), ref)
+    reset = after > before
+    if not bool(reset.any()):
+        return R, reset
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
+    mask = reset.reshape(*reset.shape, 1, 1) if reset.dim() else reset
+    return torch.where(mask, eye, R), reset
+
+
 def scalar_gauge(pair: LoRAPair, ref: LoRAPair, factor: str, what: str = "scalar_gauge") -> tuple[LoRAPair, float]:
     """The scalar-gauge ablation: c* = ⟨Q, Q_ref⟩ / ‖Q‖² for Q the aligned factor.
 

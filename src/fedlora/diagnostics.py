@@ -49,6 +49,9 @@ class RoundDiagnostics:
             ``basis_overlap_pairs`` counts the pairs used.
         rotation_size_mean, rotation_size_max: ‖R − I‖_F over (client, layer) from FedRot's
             ``info["rotation_size"]``; None when no client reported one (and left out of ``to_dict``).
+        guarded_fraction: the share of (client, layer) rotations that FedRot's guard reset to the
+            identity (``info["guarded"]`` over the layers in ``info["rotation_size"]``); None when no
+            client ran the guard (and left out of ``to_dict``).
         aligned: the factor FedRot matched to its reference this round, from the clients'
             ``info["aligned"]`` ("A", "B" or "joint"), so a report can split rounds by it; None when
             no client aligned anything (round 0, other strategies; left out of ``to_dict``).
@@ -69,6 +72,7 @@ class RoundDiagnostics:
     basis_overlap_pairs: int
     rotation_size_mean: float | None = None
     rotation_size_max: float | None = None
+    guarded_fraction: float | None = None
     aligned: str | None = None
     personalised: bool = False
     per_layer: dict[str, dict[str, float | None]] = field(default_factory=dict)
@@ -91,6 +95,8 @@ class RoundDiagnostics:
         if self.rotation_size_mean is not None:
             out["rotation_size_mean"] = self.rotation_size_mean
             out["rotation_size_max"] = self.rotation_size_max
+        if self.guarded_fraction is not None:
+            out["guarded_fraction"] = self.guarded_fraction
         if self.aligned is not None:
             out["aligned"] = self.aligned
         if per_layer:
@@ -229,6 +235,7 @@ def round_diagnostics(updates: Sequence[ClientUpdate], weights: Sequence[float] 
         basis_overlap_pairs=len(overlaps),
         rotation_size_mean=_mean(rot),
         rotation_size_max=max(rot) if rot else None,
+        guarded_fraction=guarded_fraction(updates),
         aligned=aligned_factor(updates),
         personalised=personalised,
         per_layer=per_layer,
@@ -239,6 +246,22 @@ def keeps_personal_state(strategy: Strategy) -> bool:
     """Whether the strategy's clients keep factors of their own between rounds (its declared
     ``personalised``), so no single global model is what every client uses."""
     return strategy.personalised
+
+
+def guarded_fraction(updates: Sequence[ClientUpdate]) -> float | None:
+    """The share of the clients' (client, layer) rotations that FedRot's guard left as the identity:
+    Σ len(info["guarded"]) / Σ len(info["rotation_size"]) over the clients that ran the guard."""
+    reset = total = 0
+    for u in updates:
+        names = u.info.get("guarded") if u.info else None
+        if names is None:
+            continue
+        if not isinstance(names, (list, tuple)):
+            raise AggregationInputError(f"client {u.client_id}: info['guarded'] must list layer names, "
+                                        f"got {type(names).__name__}")
+        reset += len(names)
+        total += len(u.info.get("rotation_size") or {})
+    return reset / total if total else None
 
 
 def rotation_sizes(updates: Sequence[ClientUpdate]) -> list[float]:

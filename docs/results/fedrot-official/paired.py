@@ -3,7 +3,12 @@ the same seed, and fedit's aggregation error over the variant's in rounds 1-10, 
 are still on nearly the same trajectory (later, the runs have diverged and a per-round ratio
 compares two different models), split by the factor aligned in each round.
 
-    python docs/results/fedrot-official/paired.py runs/cpu-fedrot-official > docs/results/fedrot-official/paired.md
+    python docs/results/fedrot-official/paired.py runs/cpu-fedrot-official runs/cpu-fedrot-official-guard10 \
+        > docs/results/fedrot-official/paired.md
+
+The second folder holds the 10-round runs of the guard (fedrot λ = 1, ``guard = true``), paired in
+rounds 1-10 only, and a 10-round ``guard = false`` run that must repeat the 100-round λ = 1 run's
+first 10 rounds exactly (the check that pairing a 10-round run with a 100-round one is fair).
 
 Reads each run's metrics.jsonl through fedlora (the one reader); only completed runs count.
 """
@@ -20,6 +25,7 @@ from fedlora.runtime.rundir import RunDir
 VARIANTS = [("fedit", "default/fedit"), ("fedrot λ=1 (alternate)", "lam-1.0/fedrot"),
             ("fedrot λ=0.5 (alternate)", "lam-0.5/fedrot"), ("fedrot align=A", "align-A/fedrot"),
             ("fedrot align=B", "align-B/fedrot"), ("fedrot align=joint", "align-joint/fedrot")]
+GUARD_VARIANTS = [("fedrot λ=1 + guard (10 rounds)", "guard-true/fedrot")]
 EARLY = range(1, 11)  # rounds t = 1 … 10 (t counts from 0; round 0 aligns nothing)
 
 
@@ -34,9 +40,13 @@ def acc(rows: list[dict]) -> list[float]:
     return [r["eval"]["global"]["accuracy"] for r in rows if r.get("eval")]
 
 
-def main(root: Path) -> None:
+def main(root: Path, guard_root: Path | None = None) -> None:
     seeds = sorted({p.name for p in root.glob("*/*/seed-*")})
     runs = {(name, s): completed(root / sub / s) for name, sub in VARIANTS for s in seeds}
+    early_only = []
+    if guard_root is not None:
+        early_only = GUARD_VARIANTS
+        runs.update({(name, s): completed(guard_root / sub / s) for name, sub in GUARD_VARIANTS for s in seeds})
     done = [s for s in seeds if runs[("fedit", s)] is not None]
     print(f"Seeds with a completed fedit run: {', '.join(x.removeprefix('seed-') for x in done) or 'none'}.\n")
     print("| variant | seed | best acc | final acc | mean last 5 | best − fedit's | last 5 − fedit's |")
@@ -55,7 +65,7 @@ def main(root: Path) -> None:
           "‖R − I‖_F in those rounds:\n")
     print("| variant | seed | A-aligned rounds (odd t) | B-aligned rounds (even t) | all rounds 1–10 | ‖R − I‖_F |")
     print("|---|---|---|---|---|---|")
-    for name, _ in VARIANTS[1:]:
+    for name, _ in VARIANTS[1:] + early_only:
         for s in done:
             rows, base = runs[(name, s)], runs[("fedit", s)]
             if rows is None:
@@ -65,7 +75,23 @@ def main(root: Path) -> None:
             even = st.mean(v for t, v in ratio.items() if not t % 2)
             rot = [rows[t]["diagnostics"]["rotation_size_mean"] for t in EARLY]
             print(f"| {name} | {s[5:]} | {odd:.3f} | {even:.3f} | {st.mean(ratio.values()):.3f} | {st.mean(rot):.2e} |")
+    if guard_root is not None:
+        guarded = [(s, t, runs[(GUARD_VARIANTS[0][0], s)][t]["diagnostics"].get("guarded_fraction"))
+                   for s in done if runs[(GUARD_VARIANTS[0][0], s)] is not None for t in EARLY]
+        print("\nThe guard's share of (client, layer) rotations put back to the identity, rounds 1–10, by aligned "
+              "factor (mean over seeds):\n")
+        print("| rounds | " + " | ".join(f"t = {t}" for t in EARLY) + " |")
+        print("|---|" + "---|" * len(EARLY))
+        print("| share reset | " + " | ".join(f"{st.mean(g for _, u, g in guarded if u == t):.2f}" for t in EARLY) + " |")
+        check = completed(guard_root / "guard-false/fedrot/seed-11")
+        full = runs[("fedrot λ=1 (alternate)", "seed-11")]
+        if check is not None and full is not None:
+            diff = max(abs(check[t]["diagnostics"]["agg_error_rel"] - full[t]["diagnostics"]["agg_error_rel"])
+                       for t in range(len(check)))
+            print(f"\nPairing check: the 10-round `guard = false` run of seed 11 against the 100-round λ = 1 run, "
+                  f"rounds 0–{len(check) - 1}: max |Δ relative aggregation error| = {diff:.1e}.")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cpu-fedrot-official"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cpu-fedrot-official"),
+         Path(sys.argv[2]) if len(sys.argv) > 2 else None)

@@ -17,7 +17,7 @@ import zlib
 
 import torch
 
-from fedlora.align import alignment_rotation, check_lambda, haar_rotation, rotate, scalar_gauge
+from fedlora.align import alignment_rotation, check_lambda, guard_rotation, haar_rotation, rotate, scalar_gauge
 from fedlora.errors import ConfigError
 from fedlora.factors import Adapter, LoRAPair, check_uploads
 from fedlora.strategies.base import ClientContext, Strategy
@@ -41,6 +41,12 @@ class FedRot(Strategy):
             Procrustes problem for both factors, min_{R ∈ SO(r)} ‖Rᵀ A − A_ref‖² + ‖B R − B_ref‖²,
             solved by the SVD of M = A A_refᵀ + Bᵀ B_ref (not in the paper; derivation in
             :func:`fedlora.align.alignment_rotation`). Not available with ``gauge="scalar"``.
+        guard: ``False`` (default, the method as published) or ``True``: per layer, keep the
+            rotation only if it leaves the factors, both counted, no further from their reference
+            (‖RᵀA − A_ref‖² + ‖BR − B_ref‖² ≤ ‖A − A_ref‖² + ‖B − B_ref‖²), else send the layer
+            unrotated. It answers the measured failure of aligning B against the small B_ref of the
+            first rounds (docs/results §6); see :func:`fedlora.align.guard_rotation`. Procrustes
+            gauge only. Not in the paper.
         gauge: ``"procrustes"`` (default, the method); ``"random"``, a Haar-random rotation per
             layer, client and round (the ablation that collapses); ``"scalar"``, the scalar gauge
             c* = ⟨Q, Q_ref⟩/‖Q‖² (the 1-degree-of-freedom ablation).
@@ -48,12 +54,14 @@ class FedRot(Strategy):
 
     Round 0 is never aligned (the authors' ``state > 0``). Rotations are computed in float32
     whatever the factor dtype. The client's ``info`` reports the aligned factor ("A", "B" or
-    "joint") and ‖R − I‖_F per layer.
+    "joint") and ‖R − I‖_F per layer; with the guard, also the layers it left unrotated
+    (``guarded``).
     """
 
     name = "fedrot"
 
-    def __init__(self, *, lam: float = 0.4, align: str = "alternate", gauge: str = "procrustes", **kw):
+    def __init__(self, *, lam: float = 0.4, align: str = "alternate", gauge: str = "procrustes",
+                 guard: bool = False, **kw):
         super().__init__(**kw)
         check_lambda(lam)
         if align not in ALIGN_MODES:
@@ -64,7 +72,12 @@ class FedRot(Strategy):
             # the scalar gauge c* = ⟨Q, Q_ref⟩/‖Q‖² is defined for one factor Q only
             raise ConfigError("fedrot align='joint' needs gauge='procrustes' or 'random'; the scalar gauge aligns "
                               "one factor (align='A', 'B' or 'alternate')")
-        self.lam, self.align, self.gauge = float(lam), align, gauge
+        if not isinstance(guard, bool):
+            raise ConfigError(f"fedrot guard={guard!r}; expected true or false")
+        if guard and gauge != "procrustes":
+            raise ConfigError(f"fedrot guard=true needs gauge='procrustes', not {gauge!r}: the guard checks a "
+                              "Procrustes alignment against its reference")
+        self.lam, self.align, self.gauge, self.guard = float(lam), align, gauge, guard
 
     def aligned_factor(self, round: int) -> str | None:
         """The factor matched to its reference in ``round`` ("A", "B", or "joint" for both); None in round 0."""
@@ -83,9 +96,9 @@ class FedRot(Strategy):
         if factor is None or (self.gauge == "procrustes" and self.lam == 0):
             return adapter, {}
         if self.gauge == "procrustes":
-            layers, sizes = _procrustes_by_shape(adapter, reference, factor, self.lam)
+            layers, sizes, guarded = _procrustes_by_shape(adapter, reference, factor, self.lam, self.guard)
         else:
-            layers, sizes = {}, {}
+            layers, sizes, guarded = {}, {}, []
             gen = torch.Generator().manual_seed(zlib.crc32(f"{ctx.seed}/{ctx.client_id}/{ctx.round}".encode()))
             for name, pair in adapter.layers.items():
                 if self.gauge == "scalar":
@@ -96,28 +109,34 @@ class FedRot(Strategy):
                 layers[name] = rotate(pair, R)
                 sizes[name] = float(torch.linalg.matrix_norm(R - torch.eye(R.shape[0], dtype=R.dtype)))
         info = {"aligned": factor, "rotation_size": sizes}
+        if self.guard:
+            info["guarded"] = guarded
         return Adapter({n: layers[n] for n in adapter.layers}, dict(adapter.extras)), info
 
 
-def _procrustes_by_shape(adapter: Adapter, reference: Adapter, factor: str, lam: float):
+def _procrustes_by_shape(adapter: Adapter, reference: Adapter, factor: str, lam: float, guard: bool = False):
     """Align every layer, batching layers of the same shape and dtype into one batched SVD and bmm.
 
     Per-layer work is a handful of tiny r×r operations, so a loop over layers is dominated by
     dispatch overhead; stacking same-shaped layers (e.g. every query and value of a transformer)
-    makes it a few batched calls. Returns (layer → rotated pair, layer → ‖R − I‖_F).
+    makes it a few batched calls. Returns (layer → rotated pair, layer → ‖R − I‖_F, the layers the
+    guard left unrotated).
     """
     groups: dict[tuple, list[str]] = {}
     for name, pair in adapter.layers.items():
         key = (tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype, pair.B.dtype, pair.A.device)
         groups.setdefault(key, []).append(name)
-    layers, sizes = {}, {}
+    layers, sizes, guarded = {}, {}, []
     for names in groups.values():
         stack = lambda src, i: torch.stack([src.layers[n][i] for n in names])  # noqa: E731
         pairs = LoRAPair(stack(adapter, 0), stack(adapter, 1))
-        R = alignment_rotation(pairs, LoRAPair(stack(reference, 0), stack(reference, 1)), factor, lam,
-                               f"layers {names}")
+        refs = LoRAPair(stack(reference, 0), stack(reference, 1))
+        R = alignment_rotation(pairs, refs, factor, lam, f"layers {names}")
+        if guard:
+            R, reset = guard_rotation(pairs, refs, R)
+            guarded += [n for n, r in zip(names, reset.tolist()) if r]
         rotated = rotate(pairs, R)
         eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
         for n, A, B, size in zip(names, rotated.A, rotated.B, torch.linalg.matrix_norm(R - eye).tolist()):
             layers[n], sizes[n] = LoRAPair(A, B), size
-    return layers, sizes
+    return layers, sizes, guarded
