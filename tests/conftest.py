@@ -14,3 +14,6 @@ for key, value in {
     "OMP_WAIT_POLICY": "PASSIVE",
 }.items():
     os.environ.setdefault(key, value)
+
+#: fixtures every test may name: ``engine`` / ``run_command``, each transport in turn (tests/engines.py)
+pytest_plugins = ["engines"]

@@ -144,3 +144,23 @@ def test_secagg_plus_gives_the_plain_result_within_the_quantisation_step(tiny):
     for row, erow in zip(server.rows, erows):
         assert row["diagnostics"] is None  # the server never sees an individual upload
         assert (row["bytes_up"], row["bytes_down"]) == (erow["bytes_up"], erow["bytes_down"])
+
+
+def test_flower_sim_in_process_refuses_ray_options_and_runs_secagg(tiny, capsys):
+    """`fedlora flower sim --in-process`: Ray's resource options are refused before anything loads;
+    --secagg runs (SecAgg+ over the in-process nodes: no per-client diagnostics)."""
+    from fedlora.cli import main
+    from fedlora.runtime.rundir import RunDir
+    from sim_tiny import tiny_overrides
+
+    root, model, data = tiny
+    sets = [a for o in tiny_overrides(root / "runs", model, data, run__name='"cli-secagg"', train__rounds=1,
+                                      strategy__name='"fedsa"') for a in ("--set", o)]
+    assert main(["flower", "sim", "--in-process", "--gpus-per-client", "0.5", *sets]) == 2
+    assert "fedlora: error: --gpus-per-client 0.5: Ray resources per ClientApp, which --in-process does not use" \
+        in capsys.readouterr().err
+    assert not (root / "runs").exists() or not list((root / "runs").glob("cli-secagg*"))
+    assert main(["flower", "sim", "--in-process", "--secagg", *sets]) == 0
+    run_dir = capsys.readouterr().out.splitlines()[-1].removeprefix("run directory: ")
+    (row,) = RunDir.open(run_dir).read_metrics()
+    assert row["clients"] == [0, 1, 2] and row["diagnostics"] is None and not row["failed"]

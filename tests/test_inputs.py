@@ -67,7 +67,7 @@ def test_a_strategy_option_of_the_wrong_type_names_the_option_and_its_type(tiny,
 def test_an_unknown_strategy_option_suggests_and_lists_the_options(tiny, capsys):
     err = fedlora_run(capsys, tiny, "strategy.name=fedrot", "strategy.options.lamda=0.2")
     assert "unknown option 'lamda' of strategy 'fedrot'; did you mean lam?" in err
-    assert "Its options: lam, align, gauge, weighting, server_optimizer" in err
+    assert "Its options: lam, align, gauge, guard, weighting, server_optimizer" in err
     # a bad option fails in load_config, before any data or model is touched
     with pytest.raises(Exception, match="unknown option 'lamda'"):
         load_config(None, ["strategy.name=fedrot", "strategy.options.lamda=0.2"])

@@ -1,6 +1,7 @@
 """`fedlora run` never reports a wrong result silently: failed rounds fail the run, a resume keeps
 every row it has and refuses what it cannot continue, a bad output location stops the run before
-anything loads, and SIGTERM stops a run as cleanly as Ctrl-C. Every test drives the real CLI."""
+anything loads, and SIGTERM stops a run as cleanly as Ctrl-C. Every test drives the real CLI, on
+both transports (``run_command``: `fedlora run`, `fedlora flower sim --in-process`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from fedlora.cli import main
 from fedlora.config import load_config
-from engines import engine  # noqa: F401  (the fixture)
+from engines import COMMANDS
 from sim_tiny import tiny_fixture, tiny_overrides
 
 tiny = tiny_fixture("integrity")
@@ -55,10 +56,10 @@ def snapshot(run_dir: Path) -> dict[str, tuple[int, bytes]]:
 # ---- failed clients and failed rounds ------------------------------------------------------------
 
 
-def test_a_run_whose_clients_all_fail_ends_failed_naming_the_first_error(tiny, tmp_path, capsys):
+def test_a_run_whose_clients_all_fail_ends_failed_naming_the_first_error(tiny, tmp_path, capsys, run_command):
     """A huge learning rate makes every client's loss NaN: the run must not say "completed"."""
     run_dir = tmp_path / "all-nan"
-    code, out, err = fedlora(capsys, "run", "--quiet", *sets(tiny, run_dir, train__lr="1e30", train__grad_clip="0"))
+    code, out, err = fedlora(capsys, *run_command, *sets(tiny, run_dir, train__lr="1e30", train__grad_clip="0"))
     assert code == 2
     assert "fedlora: error: round 1: every sampled client failed (3 of 3); the first: client 0: loss is nan" in err
     summary = summary_of(run_dir)
@@ -105,29 +106,30 @@ def test_a_partly_failed_run_counts_its_failed_clients_in_the_last_line_and_summ
 
 
 @pytest.fixture
-def two_rounds(tiny, tmp_path, capsys):
-    """A completed two-round tiny run (its directory); resuming it needs ``train.rounds=3``."""
+def two_rounds(tiny, tmp_path, capsys, run_command):
+    """A completed two-round tiny run (its directory), on each transport; resuming it needs
+    ``train.rounds=3``."""
     run_dir = tmp_path / "two"
-    assert fedlora(capsys, "run", "--quiet", *sets(tiny, run_dir))[0] == 0
+    assert fedlora(capsys, *run_command, *sets(tiny, run_dir))[0] == 0
     return run_dir
 
 
-def test_a_damaged_row_mid_file_stops_the_resume_naming_file_and_line(two_rounds, capsys):
+def test_a_damaged_row_mid_file_stops_the_resume_naming_file_and_line(two_rounds, capsys, run_command):
     metrics = two_rounds / "metrics.jsonl"
     lines = metrics.read_bytes().split(b"\n")
     lines[0] = lines[0][:-1] + b"x"  # the first row's JSON is broken; the second is intact
     metrics.write_bytes(b"\n".join(lines))
     before = snapshot(two_rounds)
-    code, out, err = fedlora(capsys, "run", "--resume", two_rounds, "--set", "train.rounds=3", "--quiet")
+    code, out, err = fedlora(capsys, *run_command, "--resume", two_rounds, "--set", "train.rounds=3")
     assert code == 2 and f"{metrics}:1: not a metrics row (damaged)" in err
     assert snapshot(two_rounds) == before
 
 
-def test_a_torn_last_line_is_cut_and_the_resume_continues(two_rounds, capsys):
+def test_a_torn_last_line_is_cut_and_the_resume_continues(two_rounds, capsys, run_command):
     metrics = two_rounds / "metrics.jsonl"
     intact = metrics.read_bytes()
     metrics.write_bytes(intact + b'{"round": 2, "clients": [0, 1')  # a kill mid-write
-    code, out, err = fedlora(capsys, "run", "--resume", two_rounds, "--set", "train.rounds=3", "--quiet")
+    code, out, err = fedlora(capsys, *run_command, "--resume", two_rounds, "--set", "train.rounds=3")
     assert code == 0, err
     assert "cut the torn last line of metrics.jsonl (line 3, a write cut short)" in out
     after = metrics.read_bytes()
@@ -135,50 +137,50 @@ def test_a_torn_last_line_is_cut_and_the_resume_continues(two_rounds, capsys):
     assert [json.loads(line)["round"] for line in after.splitlines()] == [0, 1, 2]
 
 
-def test_rows_without_a_checkpoint_are_an_error_not_a_restart(two_rounds, capsys):
+def test_rows_without_a_checkpoint_are_an_error_not_a_restart(two_rounds, capsys, run_command):
     (two_rounds / "checkpoint.pt").unlink()
     before = snapshot(two_rounds)
-    code, out, err = fedlora(capsys, "run", "--resume", two_rounds, "--set", "train.rounds=3", "--quiet")
+    code, out, err = fedlora(capsys, *run_command, "--resume", two_rounds, "--set", "train.rounds=3")
     assert code == 2
     assert f"{str(two_rounds / 'metrics.jsonl')!r} has rows for 2 rounds but there is no " \
            f"{str(two_rounds / 'checkpoint.pt')!r}" in err
     assert snapshot(two_rounds) == before
 
 
-def test_a_row_logged_after_the_last_checkpoint_is_said_to_be_re_done(tiny, tmp_path, capsys):
+def test_a_row_logged_after_the_last_checkpoint_is_said_to_be_re_done(tiny, tmp_path, capsys, run_command):
     """The window between a round's row and its checkpoint: the checkpoint of round 1 with the rows
     of rounds 1 and 2. Round 2 runs again; round 1's row stays as it was."""
     run_dir = tmp_path / "ahead"
-    assert fedlora(capsys, "run", "--quiet", *sets(tiny, run_dir, train__rounds=1))[0] == 0
+    assert fedlora(capsys, *run_command, *sets(tiny, run_dir, train__rounds=1))[0] == 0
     first_ckpt = (run_dir / "checkpoint.pt").read_bytes()
-    assert fedlora(capsys, "run", "--resume", run_dir, "--set", "train.rounds=2", "--quiet")[0] == 0
+    assert fedlora(capsys, *run_command, "--resume", run_dir, "--set", "train.rounds=2")[0] == 0
     (run_dir / "checkpoint.pt").write_bytes(first_ckpt)
     row_1 = (run_dir / "metrics.jsonl").read_bytes().splitlines(keepends=True)[0]
-    code, out, err = fedlora(capsys, "run", "--resume", run_dir, "--set", "train.rounds=3", "--quiet")
+    code, out, err = fedlora(capsys, *run_command, "--resume", run_dir, "--set", "train.rounds=3")
     assert code == 0, err
     assert "resuming" in out and "round 2 was logged after the last checkpoint, so it is run again" in out
     rows = (run_dir / "metrics.jsonl").read_bytes().splitlines(keepends=True)
     assert rows[0] == row_1 and [json.loads(r)["round"] for r in rows] == [0, 1, 2]
 
 
-def test_resuming_a_finished_run_says_so_and_touches_nothing(two_rounds, capsys):
+def test_resuming_a_finished_run_says_so_and_touches_nothing(two_rounds, capsys, run_command):
     before = snapshot(two_rounds)
     time.sleep(0.01)  # a rewrite would show in the modification times
-    code, out, err = fedlora(capsys, "run", "--resume", two_rounds, "--quiet")
+    code, out, err = fedlora(capsys, *run_command, "--resume", two_rounds)
     assert code == 0, err
     assert f"run {two_rounds} is already complete: 2 of 2 rounds; add rounds with --set train.rounds=N" in out
     assert snapshot(two_rounds) == before
 
 
-def test_resuming_with_fewer_rounds_than_done_is_an_error(two_rounds, capsys):
+def test_resuming_with_fewer_rounds_than_done_is_an_error(two_rounds, capsys, run_command):
     before = snapshot(two_rounds)
-    code, out, err = fedlora(capsys, "run", "--resume", two_rounds, "--set", "train.rounds=1", "--quiet")
+    code, out, err = fedlora(capsys, *run_command, "--resume", two_rounds, "--set", "train.rounds=1")
     assert code == 2 and "train.rounds = 1: the run in" in err and "has already completed 2 rounds" in err
     assert snapshot(two_rounds) == before
 
 
 @pytest.mark.slow
-def test_minilm_resume_refuses_a_changed_model_setting_and_accepts_more_rounds(tmp_path, capsys):
+def test_minilm_resume_refuses_a_changed_model_setting_and_accepts_more_rounds(tmp_path, capsys, run_command):
     """On the real MiniLM: `--resume --set lora.r=8` fails before anything loads, naming lora.r,
     and leaves the run as it was; `--set train.rounds=2` then continues it."""
     from fedlora.assets import AssetError, resolve_model
@@ -193,13 +195,13 @@ def test_minilm_resume_refuses_a_changed_model_setting_and_accepts_more_rounds(t
     cheap = ["model.name=minilm", "data.source=sarcasm", "data.train_examples=120", "data.eval_examples=16",
              "partition.method=\"iid\"", "partition.num_clients=2", "train.rounds=1", "train.local_steps=2",
              "train.batch_size=8", "eval.client_examples=4", f"run.dir=\"{run_dir}\"", "run.progress=false"]
-    assert fedlora(capsys, "run", "--quiet", *[a for s in cheap for a in ("--set", s)])[0] == 0
+    assert fedlora(capsys, *run_command, *[a for s in cheap for a in ("--set", s)])[0] == 0
     before = snapshot(run_dir)
-    code, out, err = fedlora(capsys, "run", "--resume", run_dir, "--set", "lora.r=8", "--quiet")
+    code, out, err = fedlora(capsys, *run_command, "--resume", run_dir, "--set", "lora.r=8")
     assert code == 2 and "this changes lora.r: 4 → 8" in err
     assert out == ""  # nothing loaded: prepare's partition table is not printed
     assert snapshot(run_dir) == before
-    code, out, err = fedlora(capsys, "run", "--resume", run_dir, "--set", "train.rounds=2", "--quiet")
+    code, out, err = fedlora(capsys, *run_command, "--resume", run_dir, "--set", "train.rounds=2")
     assert code == 0, err
     rows = (run_dir / "metrics.jsonl").read_bytes().splitlines(keepends=True)
     assert rows[0] == before["metrics.jsonl"][1].splitlines(keepends=True)[0] and len(rows) == 2
@@ -211,7 +213,7 @@ def test_minilm_resume_refuses_a_changed_model_setting_and_accepts_more_rounds(t
 
 @pytest.mark.parametrize("where", ["output_dir is a file", "output_dir under a file", "dir is a file",
                                    "output_dir cannot be created"])
-def test_an_unusable_output_location_fails_before_anything_loads(tiny, tmp_path, capsys, where):
+def test_an_unusable_output_location_fails_before_anything_loads(tiny, tmp_path, capsys, where, run_command):
     """The model named does not exist: an error about the location proves it came first."""
     afile = tmp_path / "a-file"
     afile.write_text("not a folder")
@@ -225,7 +227,7 @@ def test_an_unusable_output_location_fails_before_anything_loads(tiny, tmp_path,
         pytest.skip("needs Linux's /proc")
     root, model, data = tiny
     overrides = tiny_overrides(root / "runs", tmp_path / "no-such-model", data, **{key.replace(".", "__"): f'"{value}"'})
-    code, out, err = fedlora(capsys, "run", "--quiet", *[a for o in overrides for a in ("--set", o)])
+    code, out, err = fedlora(capsys, *run_command, *[a for o in overrides for a in ("--set", o)])
     assert code == 2 and f"fedlora: error: {key} = {str(value)!r}: " in err and repr(str(blocker)) in err
     assert afile.read_text() == "not a folder"
 
@@ -233,12 +235,12 @@ def test_an_unusable_output_location_fails_before_anything_loads(tiny, tmp_path,
 # ---- signals -------------------------------------------------------------------------------------
 
 
-def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tiny, tmp_path, capsys):
+def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tiny, tmp_path, capsys, run_command):
     """A real SIGTERM to `fedlora run` once round 1 is logged: a non-zero exit, the complete rounds
     and an "interrupted" summary on disk; `fedlora run --resume` then finishes the run."""
     root = tiny[0]
     run_dir = tmp_path / "sigterm"
-    cmd = [sys.executable, "-m", "fedlora.cli", "run", "--quiet", *sets(tiny, run_dir, train__rounds=200)]
+    cmd = [sys.executable, "-m", "fedlora.cli", *run_command, *sets(tiny, run_dir, train__rounds=200)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, FEDLORA_CACHE=str(root / "cache")))
     metrics = run_dir / "metrics.jsonl"
@@ -252,7 +254,42 @@ def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tiny, tmp_path, capsys):
     done = summary["rounds_completed"]
     assert summary["status"] == "interrupted" and 1 <= done < 200
     assert len(metrics.read_text().splitlines()) == done
-    code, out, err = fedlora(capsys, "run", "--resume", run_dir, "--set", f"train.rounds={done + 1}", "--quiet")
+    code, out, err = fedlora(capsys, *run_command, "--resume", run_dir, "--set", f"train.rounds={done + 1}")
     assert code == 0, err
     assert summary_of(run_dir)["status"] == "completed" and summary_of(run_dir)["rounds_completed"] == done + 1
     assert [json.loads(line)["round"] for line in metrics.read_text().splitlines()] == list(range(done + 1))
+
+
+# ---- the two command lines write the same run ------------------------------------------------------
+
+
+def schema(value, path: str = "") -> set[str]:
+    """A JSON value's shape: every key path, and the JSON type at each leaf (lists by their items)."""
+    if isinstance(value, dict):
+        return {p for k, v in value.items() for p in schema(v, f"{path}.{k}")} or {f"{path}: {{}}"}
+    if isinstance(value, list):
+        return {p for v in value for p in schema(v, f"{path}[]")} or {f"{path}: []"}
+    kind = {bool: "bool", int: "number", float: "number", str: "str", type(None): "null"}[type(value)]
+    return {f"{path}: {kind}"}
+
+
+def test_flower_in_process_writes_what_fedlora_run_writes(tiny, tmp_path, capsys):
+    """`fedlora flower sim --in-process` and `fedlora run` on one config: the same files in the run
+    directory, the same summary and checkpoint keys, metrics rows of the same shape (plus the bytes
+    Flower carried), and the same last line."""
+    pytest.importorskip("flwr")
+    dirs = {name: tmp_path / name for name in COMMANDS}
+    for name, command in COMMANDS.items():
+        code, out, err = fedlora(capsys, *command, *sets(tiny, dirs[name]))
+        assert code == 0, err
+        assert out.splitlines()[-1] == f"run directory: {dirs[name]}"
+    e, f = dirs["embedded"], dirs["flower"]
+    files = [sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) for d in (e, f)]
+    assert files[0] == files[1] and "metrics.jsonl" in files[0]
+    assert set(summary_of(f)) == set(summary_of(e)) and summary_of(f)["engine"] == "flower"
+    assert set(torch.load(f / "checkpoint.pt", weights_only=False)) == \
+        set(torch.load(e / "checkpoint.pt", weights_only=False))
+    erows, frows = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (e, f))
+    assert [r["round"] for r in frows] == [r["round"] for r in erows] == [0, 1]
+    for erow, frow in zip(erows, frows):
+        assert schema(frow) == schema(erow) | {".bytes_up_sent: number", ".bytes_down_sent: number"}

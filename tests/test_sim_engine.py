@@ -1,4 +1,5 @@
-"""The embedded engine on a tiny random BERT: the run directory, the saved adapter, failures, resume."""
+"""The embedded engine on a tiny random BERT: the run directory, the saved adapter, failures, resume.
+The tests of failures, resume and Ctrl-C run on both transports (``engine``, ``run_command``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from fedlora.errors import ConfigError, FedLoRAError
 from fedlora.factors import Adapter, LoRAPair
 from fedlora.runtime.training import ClientTrainingError, batch_order, lr_factor
 from fedlora.runtime.federation import prepare, sample_clients
-from engines import engine  # noqa: F401  (the fixture)
 from fedlora.sim import run
 from fedlora.runtime.model import load_run_model
 from sim_tiny import tiny_fixture, tiny_overrides
@@ -98,20 +98,20 @@ def test_shared_model_applies_client_scaling_and_base_merges(tiny):
     assert torch.equal(shared.params("default")[f"{name}.lora_B.weight"], pair.B)
 
 
-def test_nan_client_is_dropped_and_recorded(tiny):
+def test_nan_client_is_dropped_and_recorded(tiny, engine):
     def loss_fn(model, batch, client):
         loss = torch.nn.functional.cross_entropy(model(**{k: v for k, v in batch.items() if k != "labels"}).logits,
                                                  batch["labels"])
         return loss * float("nan") if client == 1 else loss
 
-    summary = run(cfg_for(tiny, "nan"), loss_fn=loss_fn, log=lambda s: None)
+    summary = engine(cfg_for(tiny, "nan"), loss_fn=loss_fn, log=lambda s: None)
     rows = rows_of(summary)
     for r in rows:
         assert [f["client"] for f in r["failed"]] == [1] and "nan" in r["failed"][0]["error"]
         assert set(r["client_loss"]) == {"0", "2"} and r["diagnostics"]["num_clients"] == 2
     assert summary["failed_client_rounds"] == 2
     with pytest.raises(ClientTrainingError, match="client 1: loss is nan"):
-        run(cfg_for(tiny, "nan-fast", train__fail_fast="true"), loss_fn=loss_fn, log=lambda s: None)
+        engine(cfg_for(tiny, "nan-fast", train__fail_fast="true"), loss_fn=loss_fn, log=lambda s: None)
     fast = sorted((tiny[0] / "runs").glob("nan-fast*"))[-1]
     assert json.load(open(fast / "summary.json"))["status"].startswith("failed: client 1: loss is nan")
 
@@ -125,22 +125,22 @@ def test_nan_client_is_dropped_and_recorded(tiny):
     ({"lora__target_modules": '["nope"]'}, "lora.target_modules"),
     ({"partition__num_clients": "300"}, "client"),
 ])
-def test_bad_input_fails_before_training(tiny, extra, message):
+def test_bad_input_fails_before_training(tiny, extra, message, engine):
     root = tiny[0]
     before = set((root / "runs").glob("*")) if (root / "runs").exists() else set()
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
-        run(cfg_for(tiny, "bad", **extra), log=lambda s: None)
+        engine(cfg_for(tiny, "bad", **extra), log=lambda s: None)
     after = set((root / "runs").glob("*")) if (root / "runs").exists() else set()
     assert after == before  # no run directory: nothing started
 
 
-def test_unknown_model_fails_before_training(tiny):
+def test_unknown_model_fails_before_training(tiny, engine):
     with pytest.raises(FedLoRAError, match="no-such-model"):
-        run(cfg_for(tiny, "bad-model", model__name=f'"{tiny[0] / "no-such-model"}"'), log=lambda s: None)
+        engine(cfg_for(tiny, "bad-model", model__name=f'"{tiny[0] / "no-such-model"}"'), log=lambda s: None)
 
 
-def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny):
-    full = run(cfg_for(tiny, "full", train__rounds=3, strategy__name='"fedsa"'), log=lambda s: None)
+def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny, engine):
+    full = engine(cfg_for(tiny, "full", train__rounds=3, strategy__name='"fedsa"'), log=lambda s: None)
 
     def interrupt(model, batch, client, calls=[0]):  # noqa: B006 - counts calls across clients
         calls[0] += 1
@@ -151,13 +151,13 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny):
 
     cfg = cfg_for(tiny, "cut", train__rounds=3, strategy__name='"fedsa"')
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, loss_fn=interrupt, log=lambda s: None)
+        engine(cfg, loss_fn=interrupt, log=lambda s: None)
     d = sorted((tiny[0] / "runs").glob("cut*"))[-1]
     summary = json.load(open(d / "summary.json"))
     assert summary["status"] == "interrupted" and summary["rounds_completed"] == 1
     assert len(open(d / "metrics.jsonl").readlines()) == 1 and (d / "adapter" / "adapter_model.safetensors").is_file()
 
-    resumed = run(load_config(d / "config.toml"), resume=d, log=lambda s: None)
+    resumed = engine(load_config(d / "config.toml"), resume=d, log=lambda s: None)
     assert resumed["status"] == "completed" and resumed["rounds_completed"] == 3
     a, b = rows_of(full), rows_of(resumed)
     assert [r["round"] for r in b] == [0, 1, 2]
@@ -171,14 +171,14 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny):
     assert fa.keys() == fb.keys() and all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
 
 
-def test_truncated_checkpoint_names_the_file(tiny):
-    summary = run(cfg_for(tiny, "trunc", train__rounds=1), log=lambda s: None)
+def test_truncated_checkpoint_names_the_file(tiny, engine):
+    summary = engine(cfg_for(tiny, "trunc", train__rounds=1), log=lambda s: None)
     ckpt = f"{summary['run_dir']}/checkpoint.pt"
     data = open(ckpt, "rb").read()
     open(ckpt, "wb").write(data[: len(data) // 2])
     with pytest.raises(ConfigError, match="checkpoint.pt"):  # more rounds: a finished run needs no checkpoint
-        run(load_config(f"{summary['run_dir']}/config.toml", ["train.rounds=2"]), resume=summary["run_dir"],
-            log=lambda s: None)
+        engine(load_config(f"{summary['run_dir']}/config.toml", ["train.rounds=2"]), resume=summary["run_dir"],
+               log=lambda s: None)
 
 
 def test_heterogeneous_ranks_use_one_adapter_per_rank(tiny):
@@ -202,20 +202,20 @@ def test_sampling_batches_and_schedule():
     assert [round(lr_factor(s, 6, lin), 3) for s in range(6)] == [0.333, 0.667, 1.0, 0.75, 0.5, 0.25]
 
 
-def test_cli_run_and_type_error(tiny, capsys):
+def test_cli_run_and_type_error(tiny, capsys, run_command):
     from fedlora.cli import main
 
     root, model, data = tiny
-    args = ["run"] + [a for o in tiny_overrides(root / "runs", model, data, run__name="cli", train__rounds=1)
-                      for a in ("--set", o)] + ["--quiet"]
+    args = run_command + [a for o in tiny_overrides(root / "runs", model, data, run__name="cli", train__rounds=1)
+                          for a in ("--set", o)]
     assert main(args) == 0
     assert "run directory" in capsys.readouterr().out
-    assert main(["run", "--set", "train.lr=abc"]) == 2
+    assert main([*run_command, "--set", "train.lr=abc"]) == 2
     assert "train.lr: expected a number, got 'abc'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_the_run_resumes(tiny, tmp_path):
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(tiny, tmp_path, run_command):
     """A real SIGINT to `fedlora run`: exit code 130, complete rounds kept, then --resume finishes."""
     import os
     import signal
@@ -226,7 +226,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tiny, tmp_path):
     root, model, data = tiny
     run_dir = tmp_path / "ctrl-c"
     sets = tiny_overrides(root / "runs", model, data, train__rounds=200, run__dir=f'"{run_dir}"')
-    cmd = [sys.executable, "-m", "fedlora.cli", "run", "--quiet"] + [a for o in sets for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "fedlora.cli", *run_command] + [a for o in sets for a in ("--set", o)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, FEDLORA_CACHE=str(root / "cache")))
     deadline = time.time() + 120
@@ -242,7 +242,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tiny, tmp_path):
     assert len(open(run_dir / "metrics.jsonl").readlines()) == done
     from fedlora.cli import main
 
-    assert main(["run", "--resume", str(run_dir), "--set", f"train.rounds={done + 1}", "--quiet"]) == 0
+    assert main([*run_command, "--resume", str(run_dir), "--set", f"train.rounds={done + 1}"]) == 0
     assert json.load(open(run_dir / "summary.json"))["rounds_completed"] == done + 1
     assert [json.loads(line)["round"] for line in open(run_dir / "metrics.jsonl")] == list(range(done + 1))
 

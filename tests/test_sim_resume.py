@@ -17,8 +17,6 @@ from safetensors.torch import load_file
 
 from fedlora.config import load_config
 from fedlora.errors import ConfigError
-from engines import engine  # noqa: F401  (the fixture)
-from fedlora.sim import run
 from fedlora.runtime.rundir import RunDir
 from sim_tiny import make_tiny_model, make_toy_data, tiny_overrides
 from task_tiny import make_tiny_llama, make_toy_math
@@ -109,15 +107,15 @@ def test_resume_after_a_clean_stop_is_exact(tiny, case, engine):
     assert_identical_runs(full["run_dir"], cut)
 
 
-def test_sigkill_mid_round_resumes_from_the_previous_round(tiny, tmp_path):
+def test_sigkill_mid_round_resumes_from_the_previous_round(tiny, tmp_path, engine, run_command):
     """`fedlora run` in a subprocess, killed with SIGKILL while a round is under way: the files are
     intact, `fedlora run --resume` finishes the run, and the result equals an uninterrupted run."""
     rounds = 6
-    full = run(load_config(None, overrides(tiny, "sigkill-full", "fedsa", rounds) + ["train.local_steps=12"]),
-               log=lambda s: None)
+    full = engine(load_config(None, overrides(tiny, "sigkill-full", "fedsa", rounds) + ["train.local_steps=12"]),
+                  log=lambda s: None)
     run_dir = tmp_path / "killed"
     sets = overrides(tiny, "killed", "fedsa", rounds) + ["train.local_steps=12", f"run.dir=\"{run_dir}\""]
-    cmd = [sys.executable, "-m", "fedlora.cli", "run", "--quiet"] + [a for s in sets for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "fedlora.cli", *run_command] + [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, FEDLORA_CACHE=str(tiny[0] / "cache"))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 180
@@ -132,17 +130,17 @@ def test_sigkill_mid_round_resumes_from_the_previous_round(tiny, tmp_path):
 
     from fedlora.cli import main
 
-    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    assert main([*run_command, "--resume", str(run_dir)]) == 0
     assert json.load(open(run_dir / "summary.json"))["rounds_completed"] == rounds
     assert_identical_runs(full["run_dir"], run_dir)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_a_damaged_checkpoint_names_the_file(tiny, damage):
-    summary = run(load_config(None, overrides(tiny, f"damaged-{damage}", "fedsa", 1)), log=lambda s: None)
+def test_a_damaged_checkpoint_names_the_file(tiny, damage, engine):
+    summary = engine(load_config(None, overrides(tiny, f"damaged-{damage}", "fedsa", 1)), log=lambda s: None)
     ckpt = Path(summary["run_dir"]) / "checkpoint.pt"
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 3] if damage == "truncate" else os.urandom(len(data)))
     with pytest.raises(ConfigError, match=str(ckpt)):  # more rounds: a finished run needs no checkpoint
-        run(load_config(Path(summary["run_dir"]) / "config.toml", ["train.rounds=2"]), resume=summary["run_dir"],
-            log=lambda s: None)
+        engine(load_config(Path(summary["run_dir"]) / "config.toml", ["train.rounds=2"]), resume=summary["run_dir"],
+               log=lambda s: None)

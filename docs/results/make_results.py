@@ -5,7 +5,7 @@
 Writes ``derived.md`` (the λ scan with fedit as λ = 0, the aggregation-error ratios, the random
 rotation, the rank study at two client lrs), ``lambda.png``, ``agg-error.png``, ``rank-lr.png`` and ``runs.csv`` (every
 run's per-round series, so any table here can be recomputed without the run directories). Everything
-is read through :func:`fedlora.experiments.report.run_stats`, the numbers ``fedlora report`` prints.
+is read through :func:`fedlora.experiments.run_results.run_stats`, the numbers ``fedlora report`` prints.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from fedlora.experiments.grid import find_runs
-from fedlora.experiments.report import run_stats
+from fedlora.experiments.run_results import run_stats
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE.parents[1] / "runs"

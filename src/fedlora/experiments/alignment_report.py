@@ -16,7 +16,7 @@ of the same settings (strategy options apart): the mean over rounds of the per-r
 ratio of the means over rounds. Each is computed per seed, then mean ± population std over seeds.
 
 Only the runs the grid report averages (completed, readable) are used; their rows are read with
-:func:`fedlora.experiments.report.read_metrics`.
+:func:`fedlora.experiments.run_results.read_metrics`.
 """
 
 from __future__ import annotations
@@ -27,16 +27,10 @@ from typing import Any
 
 from fedlora.config import fingerprint, result_settings
 from fedlora.errors import ConfigError
-from fedlora.experiments.report import (
-    REPORT_IGNORE,
-    _cell,
-    _mean,
-    _mean_std,
-    _save_figure,
-    _toml_text,
-    _varying_keys,
-    read_metrics,
-)
+from fedlora.experiments.grouping import REPORT_IGNORE, _toml_text, _varying_keys
+from fedlora.experiments.report_plots import _save_figure
+from fedlora.experiments.report_tables import _cell
+from fedlora.experiments.run_results import _mean, _mean_std, read_metrics
 
 #: round classes in table order: what each is called in a run that aligns (FedRot) and in one that
 #: does not (classed by the schedule's parity), and its plot marker
@@ -143,7 +137,7 @@ def paired_ratios(mine: dict[int, dict[str, Any]], fedit: dict[int, dict[str, An
 
 def alignment_section(settings: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     """summary.md's "Aggregation error by aligned factor" section and ``plots/aligned-factor.png``
-    for the averaged runs of a grid (``settings`` as :func:`fedlora.experiments.report._collect` gives them);
+    for the averaged runs of a grid (``settings`` as :func:`fedlora.experiments.grouping._collect` gives them);
     no lines when the grid holds no fedrot run."""
     if not any(r["strategy"] == "fedrot" for group in settings.values() for r in group):
         return []

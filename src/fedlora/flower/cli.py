@@ -1,5 +1,6 @@
-"""``fedlora flower sim CONFIG`` (Flower's simulation runtime) and ``fedlora flower app DIR`` (write a
-Flower App directory for ``flwr run`` against a SuperLink). Deployment recipes: docs/flower.md."""
+"""``fedlora flower sim CONFIG`` (Flower's simulation runtime; ``--in-process``: the fedlora apps over
+real Flower Messages in this process, without Ray) and ``fedlora flower app DIR`` (write a Flower App
+directory for ``flwr run`` against a SuperLink). Deployment recipes: docs/flower.md."""
 
 from __future__ import annotations
 
@@ -39,12 +40,18 @@ secagg = {secagg}
 """
 
 
+#: ``flower sim`` options that only Ray uses, and their defaults (``--in-process`` refuses others)
+RAY_ONLY = {"cpus_per_client": 1.0, "gpus_per_client": 0.0}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``flower sim`` and ``flower app`` to the ``fedlora`` command line."""
     p = sub.add_parser("flower", help="run on Flower (simulation, or a SuperLink with SuperNodes)",
                        description="Run a fedlora config on Flower. Deployment: see docs/flower.md.")
     fsub = p.add_subparsers(dest="flower_command", metavar="SUBCOMMAND")
-    s = fsub.add_parser("sim", help="a Flower simulation (Ray), one virtual SuperNode per client")
+    s = fsub.add_parser("sim", help="a Flower simulation (Ray, or --in-process), one virtual SuperNode per client",
+                        description="Run a fedlora config under Flower's simulation runtime (Ray), one virtual "
+                                    "SuperNode per client; with --in-process, without Ray.")
     s.add_argument("config", nargs="?", help="TOML config (as for fedlora run)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--resume", metavar="RUN_DIR", default=None,
@@ -54,8 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for replies (default 600)")
     s.add_argument("--secagg", action="store_true",
                    help="aggregate with Flower's SecAgg+ (strategies with secure_aggregation only)")
-    s.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per ClientApp (default 1)")
-    s.add_argument("--gpus-per-client", type=float, default=0.0, help="Ray GPUs per ClientApp (default 0)")
+    s.add_argument("--cpus-per-client", type=float, default=RAY_ONLY["cpus_per_client"],
+                   help="Ray CPUs per ClientApp (default 1; not with --in-process)")
+    s.add_argument("--gpus-per-client", type=float, default=RAY_ONLY["gpus_per_client"],
+                   help="Ray GPUs per ClientApp (default 0; not with --in-process)")
+    s.add_argument("--in-process", action="store_true",
+                   help="run the fedlora ServerApp and one ClientApp per client in this process over real Flower "
+                        "Messages, without Ray (fast; for debugging and small runs; not a Flower runtime)")
     s.set_defaults(func=cmd_sim)
     a = fsub.add_parser("app", help="write a Flower App directory (pyproject.toml) for `flwr run`")
     a.add_argument("dir", help="the app directory to write")
@@ -94,7 +106,7 @@ def run_sim(cfg, options=None, *, resume: str | Path | None = None, faults: dict
 
     from fedlora.flower.clientapp import make_client_app
     from fedlora.flower.serverapp import FlowerOptions, make_server_app
-    from fedlora.runtime.rundir import signals_set_stop
+    from fedlora.runtime.signals import signals_set_stop
 
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
     results: dict[str, Any] = {}
@@ -115,28 +127,50 @@ def run_sim(cfg, options=None, *, resume: str | Path | None = None, faults: dict
     return results
 
 
-def require_flower() -> None:
-    """A clear error when the optional Flower extra is missing."""
+def require_flower(ray: bool = True) -> None:
+    """A clear error when the optional Flower extra (and, with ``ray``, Ray) is missing."""
     import importlib.util
 
     from fedlora.errors import FedLoRAError
 
-    for module, extra in (("flwr", "fedlora[flower]"), ("ray", "fedlora[flower] (flwr[simulation])")):
+    needed = (("flwr", "fedlora[flower]"),) + ((("ray", "fedlora[flower] (flwr[simulation])"),) if ray else ())
+    for module, extra in needed:
         if importlib.util.find_spec(module) is None:
             raise FedLoRAError(f"fedlora flower needs {module!r}: pip install \"{extra}\"")
 
 
 def cmd_sim(args) -> int:
-    require_flower()
+    if args.in_process:
+        check_in_process(args)
+    require_flower(ray=not args.in_process)
     from fedlora.flower.serverapp import FlowerOptions
     from fedlora.runtime.rundir import RunDir
 
     cfg = RunDir.command_config(args.config, args.overrides, args.resume)
-    out = run_sim(cfg, FlowerOptions(min_replies=args.min_replies, round_timeout=args.round_timeout,
-                                     secagg=args.secagg), resume=args.resume,
-                  cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
-    print(f"run directory: {out['summary']['run_dir']}")
+    options = FlowerOptions(min_replies=args.min_replies, round_timeout=args.round_timeout, secagg=args.secagg)
+    if args.in_process:
+        from fedlora.flower.inprocess import run_inprocess
+        from fedlora.runtime.signals import signals_set_stop
+
+        with signals_set_stop():  # as run_sim: Ctrl-C stops after the last complete round, a second at once
+            summary = run_inprocess(cfg, resume=args.resume, options=options)
+    else:
+        summary = run_sim(cfg, options, resume=args.resume, cpus_per_client=args.cpus_per_client,
+                          gpus_per_client=args.gpus_per_client)["summary"]
+    print(f"run directory: {summary['run_dir']}")
     return 0
+
+
+def check_in_process(args) -> None:
+    """Refuse the Ray-only options (given other than their defaults) with ``--in-process``."""
+    from fedlora.errors import FedLoRAError
+
+    given = [f"--{name.replace('_', '-')} {getattr(args, name):g}" for name, default in RAY_ONLY.items()
+             if getattr(args, name) != default]
+    if given:
+        raise FedLoRAError(f"{', '.join(given)}: Ray resources per ClientApp, which --in-process does not use "
+                           "(it runs every client in this process, without Ray); leave them out, or run without "
+                           "--in-process")
 
 
 def cmd_app(args) -> int:

@@ -41,7 +41,7 @@ from fedlora.flower import records as rec
 from fedlora.flower.nodestore import load_personal, save_personal, store_path
 from fedlora.runtime.evaluation import evaluate_client
 from fedlora.runtime.federation import client_context, prepare
-from fedlora.runtime.training import client_round
+from fedlora.runtime.training import ClientTrainingError, LocalResult, client_round
 from fedlora.strategies import GlobalState
 
 # Context.state keys (per node, persist across rounds within a run)
@@ -189,7 +189,11 @@ def train_round(content: RecordDict, context: Context, faults: Mapping[int, str]
     fed, k, state, base_version, personal, store = _node_round(content, context)
     ctx = client_context(fed, k, state.round, int(content.config_records[rec.KEY_CONFIG]["num-sampled"]))
     loss = (lambda m, b: loss_fn(m, b, k)) if loss_fn else None
-    result, adapter, mine, info = client_round(fed, state, personal, ctx, loss)
+    try:
+        result, adapter, mine, info = client_round(fed, state, personal, ctx, loss)
+    except ClientTrainingError as e:  # train.fail_fast: reply the failure, the server stops the run (raised
+        # here, the runtime would only turn it into an error reply, which the server counts as a lost client)
+        result, adapter, mine, info = LocalResult(None, float("nan"), 0, str(e)), None, personal, {}
     metrics = {"num-examples": ctx.num_samples, "partition-id": k, "rank": ctx.rank or 0,
                "steps": result.steps, "base-version": base_version, "failed": int(adapter is None)}
     out = {"payload": None, "metrics": metrics, "info": {"error": result.error or "failed"},

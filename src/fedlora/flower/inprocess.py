@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import copy
 import itertools
+import traceback
 from collections.abc import Iterable, Mapping
+from logging import ERROR
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
+
+from fedlora.runtime.signals import raise_if_stopped
 
 
 class InProcessGrid(Grid):
@@ -57,17 +63,24 @@ class InProcessGrid(Grid):
         return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Handle each message now; its reply waits for :meth:`pull_messages`."""
+        """Handle each message now; its reply waits for :meth:`pull_messages`. A ClientApp that
+        raises replies with an error, as under a Flower runtime; a stop request (Ctrl-C, see
+        :func:`~fedlora.runtime.rundir.signals_set_stop`) ends the round before the next message."""
         ids = []
         for msg in messages:
+            raise_if_stopped()
             mid = f"m{next(self._ids)}"
             msg.metadata.__dict__["_message_id"] = mid  # what the SuperLink would assign
             msg.metadata.__dict__["_run_id"] = self.run_id
             ids.append(mid)
             if msg.metadata.dst_node_id in self.drop and msg.metadata.message_type == MessageType.TRAIN:
                 continue
-            # a transport delivers a copy: handlers (e.g. secaggplus_mod) may change what they receive
-            reply = self.client_app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
+            try:  # a transport delivers a copy: handlers (e.g. secaggplus_mod) may change what they receive
+                reply = self.client_app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
+            except Exception as e:  # what Flower's simulation runtime replies (vce_api), traceback logged
+                flwr_log(ERROR, traceback.format_exc())
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(e)}:<'{e}'>"),
+                                reply_to=msg)
             self.replies[mid] = copy.deepcopy(reply)
         return ids
 
@@ -76,6 +89,10 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))  # noqa: D102
+
+
+#: what an interrupted in-process run says to resume it with
+RESUME_COMMAND = "fedlora flower sim --in-process --resume"
 
 
 def run_inprocess(cfg, *, resume=None, loss_fn=None, progress=None, log=None, options=None,
@@ -89,4 +106,4 @@ def run_inprocess(cfg, *, resume=None, loss_fn=None, progress=None, log=None, op
 
     options = options or FlowerOptions(node_wait=1.0)
     grid = InProcessGrid(make_client_app(faults, secagg=options.secagg, loss_fn=loss_fn), cfg.partition.num_clients)
-    return FlowerServer(cfg, options, log or print).run(grid, resume=resume)
+    return FlowerServer(cfg, options, log or print, resume_command=RESUME_COMMAND).run(grid, resume=resume)

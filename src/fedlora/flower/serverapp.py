@@ -29,7 +29,8 @@ from fedlora.config import RunConfig, from_dict, load_config, to_toml
 from fedlora.errors import AggregationInputError, ConfigError, RoundFailedError
 from fedlora.flower import records as rec
 from fedlora.runtime.federation import Federation, client_context
-from fedlora.runtime.rundir import raise_if_stopped
+from fedlora.runtime.signals import raise_if_stopped
+from fedlora.runtime.training import ClientTrainingError
 from fedlora.runtime.transport import RoundReplies
 from fedlora.strategies import ClientUpdate, GlobalState
 
@@ -73,11 +74,13 @@ class FlowerTransport:
     engine = "flower"
     resume_command = "fedlora flower sim --resume"
 
-    def __init__(self, grid: Grid, options: FlowerOptions, log: Callable[[str], None] = print):
+    def __init__(self, grid: Grid, options: FlowerOptions, log: Callable[[str], None] = print,
+                 resume_command: str | None = None):
         self.grid = grid
         self.options = options
         self.min_replies = options.min_replies
         self.log = log
+        self.resume_command = resume_command or self.resume_command
 
     # ---- the Transport interface ------------------------------------------------------------------
     def open(self, fed: Federation, checkpoint: Mapping[str, Any] | None) -> None:
@@ -231,7 +234,10 @@ class FlowerTransport:
             c = reply.content
             m = c.metric_records[rec.KEY_METRICS]
             if int(m["failed"]):
-                failed.append({"client": k, "step": int(m["steps"]), "error": str(c.config_records[rec.KEY_INFO]["error"])})
+                error = str(c.config_records[rec.KEY_INFO]["error"])
+                if self.fed.cfg.train.fail_fast:  # the node stopped at a NaN/Inf loss: so does the run, as in process
+                    raise ClientTrainingError(error)
+                failed.append({"client": k, "step": int(m["steps"]), "error": error})
                 continue
             try:
                 payload = rec.record_to_tensors(c.array_records[rec.KEY_PAYLOAD])
@@ -322,10 +328,12 @@ class FlowerServer:
     loop over a :class:`FlowerTransport` and returns the summary; afterwards ``rows`` holds the
     run's metrics rows and ``state`` its final GlobalState."""
 
-    def __init__(self, cfg: RunConfig, options: FlowerOptions | None = None, log: Callable[[str], None] = print):
+    def __init__(self, cfg: RunConfig, options: FlowerOptions | None = None, log: Callable[[str], None] = print,
+                 resume_command: str | None = None):
         self.cfg = cfg
         self.options = options or FlowerOptions()
         self.log = log
+        self.resume_command = resume_command  # what an interrupted run says to resume with (the transport's default)
 
     def run(self, grid: Grid, resume: str | Path | None = None) -> dict[str, Any]:
         from fedlora.runtime.loop import run
@@ -333,8 +341,8 @@ class FlowerServer:
 
         check_secagg(self.cfg, self.options)
         torch.manual_seed(self.cfg.run.seed)  # the initial adapter (PEFT's init) is a function of the seed
-        summary = run(self.cfg, FlowerTransport(grid, self.options, self.log), resume=resume, progress=False,
-                      log=self.log)
+        summary = run(self.cfg, FlowerTransport(grid, self.options, self.log, self.resume_command), resume=resume,
+                      progress=False, log=self.log)
         rundir = RunDir.open(summary["run_dir"])
         self.rows = rundir.read_metrics()
         self.state = rundir.load_checkpoint()["state"]

@@ -25,7 +25,8 @@ from fedlora.runtime.federation import (Federation, checkpoint_extra, client_con
                                         restore_checkpoint_extra, sample_clients)
 from fedlora.runtime.records import (NO_BYTES, Display, completed_line, metrics_row, resume_line, round_line,
                                      summarize)
-from fedlora.runtime.rundir import RunDir, raise_if_stopped, signals_deferred, sigterm_interrupts
+from fedlora.runtime.rundir import RunDir
+from fedlora.runtime.signals import raise_if_stopped, signals_deferred, sigterm_interrupts
 from fedlora.runtime.transport import RoundReplies, Transport
 from fedlora.strategies import GlobalState
 
