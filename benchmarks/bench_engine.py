@@ -52,7 +52,7 @@ def bare_round(fed, cfg, t: int) -> float:
     the LoRA parameters and head, the client's batches in the engine's order, the same clipping."""
     import torch
 
-    from fedlora.sim import client as C
+    from fedlora.runtime import training as C
     from fedlora.runtime.federation import sample_clients
 
     model = fed.shared.model  # an identically wrapped PEFT model; the bare loop never moves adapters

@@ -49,7 +49,7 @@ def cell(impl: str, dtype: str, seq: int, batch: int, warmup: int, steps: int, t
 
     from fedlora import assets
     from fedlora.config import TrainSection
-    from fedlora.sim import client as C
+    from fedlora.runtime import training as C
     from fedlora.runtime.model import SharedModel, autocast_for
     from fedlora.tasks.causal import CausalLMTask
 
