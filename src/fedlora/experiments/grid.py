@@ -336,19 +336,23 @@ def _run_parallel(todo: Sequence[tuple[int, Cell, str]], configs: dict[Path, Run
             if finished:
                 finished(cell, None, FedLoRAError(why))
 
+    from fedlora.runtime.signals import raise_if_stopped, stop_signals_interrupt
+
     try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                i, cell, status = pending.popleft()
-                cfg = configs.get(cell.run_dir)
-                # a config that sets model.threads keeps it; otherwise the cores are shared among the jobs
-                n = 0 if cfg is not None and cfg.model.threads > 0 else threads
-                _replace(cell, status, result)
-                proc = ctx.Process(target=_run_cell, args=(cfg, cell.run_dir, n, cell_log(cell)), daemon=False)
-                proc.start()
-                running[proc] = (i, cell, status)
-            for sentinel in wait([p.sentinel for p in running]):
-                reap(next(p for p in running if p.sentinel == sentinel))
+        with stop_signals_interrupt():  # an interrupt that a finalizer swallowed still stops the queue
+            while pending or running:
+                raise_if_stopped()
+                while pending and len(running) < jobs:
+                    i, cell, status = pending.popleft()
+                    cfg = configs.get(cell.run_dir)
+                    # a config that sets model.threads keeps it; otherwise the cores are shared among the jobs
+                    n = 0 if cfg is not None and cfg.model.threads > 0 else threads
+                    _replace(cell, status, result)
+                    proc = ctx.Process(target=_run_cell, args=(cfg, cell.run_dir, n, cell_log(cell)), daemon=False)
+                    proc.start()
+                    running[proc] = (i, cell, status)
+                for sentinel in wait([p.sentinel for p in running]):
+                    reap(next(p for p in running if p.sentinel == sentinel))
     except KeyboardInterrupt:
         # a terminal's Ctrl-C reaches the whole process group, so the cells are already stopping; a
         # second SIGINT would cut their summary short. Only a cell still running after a grace

@@ -26,12 +26,12 @@ from fedlora.runtime.federation import (Federation, checkpoint_extra, client_con
 from fedlora.runtime.records import (NO_BYTES, Display, completed_line, metrics_row, resume_line, round_line,
                                      summarize)
 from fedlora.runtime.rundir import RunDir
-from fedlora.runtime.signals import raise_if_stopped, signals_deferred, sigterm_interrupts
+from fedlora.runtime.signals import raise_if_stopped, signals_deferred, stop_signals_interrupt
 from fedlora.runtime.transport import RoundReplies, Transport
 from fedlora.strategies import GlobalState
 
 
-@sigterm_interrupts()
+@stop_signals_interrupt()
 def run(cfg: RunConfig, transport: Transport, *, resume: str | Path | None = None, progress: bool | None = None,
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a federation over ``transport``; returns the summary (also in summary.json).

@@ -1,6 +1,7 @@
 """How a run stops on Ctrl-C or SIGTERM: cleanly, between rounds, with every completed round kept.
 
-SIGTERM raises KeyboardInterrupt as Ctrl-C does (:func:`sigterm_interrupts`); a round's commit holds
+SIGTERM raises KeyboardInterrupt as Ctrl-C does, and both also set a flag that an interrupt
+swallowed by a finalizer cannot lose (:func:`stop_signals_interrupt`); a round's commit holds
 both back until its files agree (:func:`signals_deferred`); and a loop running in a thread that gets
 no signals is stopped through :data:`stop_requested` (:func:`signals_set_stop`, :func:`raise_if_stopped`).
 Handlers can be installed only from the main thread; elsewhere each block runs as is.
@@ -85,19 +86,34 @@ def signals_set_stop() -> Iterator[None]:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    stop_requested.set()  # kept even if the exception below is swallowed (see stop_signals_interrupt)
     raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
+def stop_signals_interrupt() -> Iterator[None]:
     """Within the block (or the decorated function), SIGTERM raises KeyboardInterrupt as Ctrl-C
     does, so a terminated run stops the same way: complete rounds kept, summary written, resumable.
-    Main thread only, as :func:`signals_deferred`."""
+
+    Both signals also set :data:`stop_requested`. Python swallows an exception raised while it runs a
+    finalizer or a weakref callback ("Exception ignored in …"), and torch runs many, so an interrupt
+    can land where it is lost; the flag still stops the run at its next :func:`raise_if_stopped`
+    (the round loop checks before every round, the in-process transport before every client). SIGINT
+    is taken over only from Python's own handler: under :func:`signals_set_stop` it is left alone.
+    The flag is cleared on entry and exit when the block owns SIGINT. Main thread only, as
+    :func:`signals_deferred`."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    owns_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signals = STOP_SIGNALS if owns_sigint else (signal.SIGTERM,)
+    if owns_sigint:
+        stop_requested.clear()
+    previous = {s: signal.signal(s, _interrupt) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if owns_sigint:
+            stop_requested.clear()

@@ -9,6 +9,7 @@ from typing import Any
 from fedlora.factors import Adapter
 from fedlora.runtime.evaluation import evaluate_client
 from fedlora.runtime.federation import Federation, client_context
+from fedlora.runtime.signals import raise_if_stopped
 from fedlora.runtime.training import client_round
 from fedlora.runtime.transport import RoundReplies
 from fedlora.strategies import ClientUpdate, GlobalState
@@ -33,6 +34,7 @@ class InProcess:
         fed, strategy, t = self.fed, self.fed.strategy, state.round
         out = RoundReplies()
         for i, k in enumerate(sampled):
+            raise_if_stopped()  # an interrupt a finalizer swallowed still stops before the next client
             status(f"client {k} ({i + 1}/{len(sampled)})")
             ctx = client_context(fed, k, t, len(sampled))
             loss = (lambda m, b, k=k: self.loss_fn(m, b, k)) if self.loss_fn else None
