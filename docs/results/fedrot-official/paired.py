@@ -25,7 +25,7 @@ from fedlora.runtime.rundir import RunDir
 VARIANTS = [("fedit", "default/fedit"), ("fedrot λ=1 (alternate)", "lam-1.0/fedrot"),
             ("fedrot λ=0.5 (alternate)", "lam-0.5/fedrot"), ("fedrot align=A", "align-A/fedrot"),
             ("fedrot align=B", "align-B/fedrot"), ("fedrot align=joint", "align-joint/fedrot")]
-GUARD_VARIANTS = [("fedrot λ=1 + guard (10 rounds)", "guard-true/fedrot")]
+GUARD_VARIANTS = [("fedrot λ=1 + guard (rounds 0–10 only)", "guard-true/fedrot")]
 EARLY = range(1, 11)  # rounds t = 1 … 10 (t counts from 0; round 0 aligns nothing)
 
 
