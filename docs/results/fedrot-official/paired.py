@@ -65,6 +65,7 @@ def main(root: Path, guard_root: Path | None = None) -> None:
           "‖R − I‖_F in those rounds:\n")
     print("| variant | seed | A-aligned rounds (odd t) | B-aligned rounds (even t) | all rounds 1–10 | ‖R − I‖_F |")
     print("|---|---|---|---|---|---|")
+    per_seed: dict[str, list[tuple[float, float, float, float]]] = {}
     for name, _ in VARIANTS[1:] + early_only:
         for s in done:
             rows, base = runs[(name, s)], runs[("fedit", s)]
@@ -73,8 +74,16 @@ def main(root: Path, guard_root: Path | None = None) -> None:
             ratio = {t: base[t]["diagnostics"]["agg_error_rel"] / rows[t]["diagnostics"]["agg_error_rel"] for t in EARLY}
             odd = st.mean(v for t, v in ratio.items() if t % 2)
             even = st.mean(v for t, v in ratio.items() if not t % 2)
-            rot = [rows[t]["diagnostics"]["rotation_size_mean"] for t in EARLY]
-            print(f"| {name} | {s[5:]} | {odd:.3f} | {even:.3f} | {st.mean(ratio.values()):.3f} | {st.mean(rot):.2e} |")
+            rot = st.mean(rows[t]["diagnostics"]["rotation_size_mean"] for t in EARLY)
+            per_seed.setdefault(name, []).append((odd, even, st.mean(ratio.values()), rot))
+            print(f"| {name} | {s[5:]} | {odd:.3f} | {even:.3f} | {st.mean(ratio.values()):.3f} | {rot:.2e} |")
+    print("\nThe same, mean ± population std over the seeds:\n")
+    print("| variant | seeds | A-aligned rounds (odd t) | B-aligned rounds (even t) | all rounds 1–10 | ‖R − I‖_F |")
+    print("|---|---|---|---|---|---|")
+    for name, values in per_seed.items():
+        cols = list(zip(*values))
+        cells = [f"{st.mean(c):.3f} ± {st.pstdev(c):.3f}" for c in cols[:3]] + [f"{st.mean(cols[3]):.2e}"]
+        print(f"| {name} | {len(values)} | " + " | ".join(cells) + " |")
     if guard_root is not None:
         guarded = [(s, t, runs[(GUARD_VARIANTS[0][0], s)][t]["diagnostics"].get("guarded_fraction"))
                    for s in done if runs[(GUARD_VARIANTS[0][0], s)] is not None for t in EARLY]
