@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fedlora.assets.catalog import MODEL, is_catalog_model, suggest
+from fedlora.assets.catalog import MODEL, is_catalog_model
 from fedlora.errors import FedLoRAError
 from fedlora.hub import HubUnavailableError, catalog_hint, hub_offline, is_network_error
 
@@ -53,7 +53,6 @@ def resolve_model(name_or_path: str | os.PathLike) -> str | Path:
             raise _unavailable(name, f"cannot be reached ({e.__class__.__name__}: {e})") from e
         raise FedLoRAError(f"model {name!r}: the hub refused it ({e.__class__.__name__}: {e})") from e
     if not exists:
-        close = suggest(name, MODEL)
-        more = f"; built-in models close to it: {', '.join(close)}" if close else ""
-        raise FedLoRAError(f"model {name!r} is not a local folder and has no config.json on the hub{more}")
+        raise FedLoRAError(f"model {name!r} is not a local folder and has no config.json on the hub."
+                           f"{catalog_hint(name, MODEL)}")
     return name

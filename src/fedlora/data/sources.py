@@ -82,9 +82,7 @@ def load_source(
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ConfigError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
-    source, data_files = _normalise(source, data_files)
-    label = _describe(source)
-    loaded, files = _read(source, data_files, cache_dir)
+    loaded, files, label = _read(source, data_files, cache_dir)
     if "train" not in loaded:
         raise ConfigError(f"source {label} has no 'train' split; it has {', '.join(loaded) or 'no splits'}")
 
@@ -108,7 +106,6 @@ def read_source(
     path, a folder, a list) come back as one ``"train"`` split; ``source`` may also be a mapping of
     split name to files. A missing, empty or unreadable file, an unknown name, or a hub that is
     switched off or unreachable (:class:`~fedlora.hub.HubUnavailableError`) raise ConfigError."""
-    source, data_files = _normalise(source, data_files)
     return _read(source, data_files, cache_dir)[0]
 
 
@@ -125,8 +122,9 @@ def _normalise(source, data_files):
     return source, data_files
 
 
-def _read(source, data_files, cache_dir) -> tuple[datasets.DatasetDict, dict[str, list[str]] | None]:
-    """(the DatasetDict as stored, {split: local files} or None) for a normalised source."""
+def _read(source, data_files, cache_dir) -> tuple[datasets.DatasetDict, dict[str, list[str]] | None, str]:
+    """(the DatasetDict as stored, {split: local files} or None, the source as error messages name it)."""
+    source, data_files = _normalise(source, data_files)
     kwargs = {"cache_dir": os.fspath(cache_dir)} if cache_dir is not None else {}
     label = _describe(source)
     catalog = None if data_files is not None else _catalog_dataset(source)
@@ -141,7 +139,7 @@ def _read(source, data_files, cache_dir) -> tuple[datasets.DatasetDict, dict[str
         loaded = datasets.DatasetDict({"train": loaded})
     if not isinstance(loaded, datasets.DatasetDict):
         raise ConfigError(f"source {label}: expected a Dataset or DatasetDict, got {type(loaded).__name__}")
-    return loaded, files
+    return loaded, files, label
 
 
 def _describe(source) -> str:

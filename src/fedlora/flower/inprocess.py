@@ -65,7 +65,7 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Handle each message now; its reply waits for :meth:`pull_messages`. A ClientApp that
         raises replies with an error, as under a Flower runtime; a stop request (Ctrl-C, see
-        :func:`~fedlora.runtime.rundir.signals_set_stop`) ends the round before the next message."""
+        :func:`~fedlora.runtime.signals.signals_set_stop`) ends the round before the next message."""
         ids = []
         for msg in messages:
             raise_if_stopped()

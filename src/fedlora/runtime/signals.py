@@ -21,6 +21,18 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
+def _handling(handler: Any, signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[dict[int, Any]]:
+    """``handler`` for ``signals`` within the block, the previous handlers back after it; yields
+    those previous handlers (signal → handler)."""
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield previous
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back for the block, then act on the first that came: its previous
     handler runs (Python's SIGINT handler raises KeyboardInterrupt); a default handler becomes
@@ -30,12 +42,8 @@ def signals_deferred() -> Iterator[None]:
         yield
         return
     caught: list[tuple[int, Any]] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append((signum, frame))) for s in STOP_SIGNALS}
-    try:
+    with _handling(lambda signum, frame: caught.append((signum, frame))) as previous:
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     if not caught:
         return
     signum, frame = caught[0]
@@ -76,12 +84,10 @@ def signals_set_stop() -> Iterator[None]:
             raise KeyboardInterrupt
         stop_requested.set()
 
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield
+        with _handling(handler):
+            yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
         stop_requested.clear()
 
 
@@ -109,11 +115,9 @@ def stop_signals_interrupt() -> Iterator[None]:
     signals = STOP_SIGNALS if owns_sigint else (signal.SIGTERM,)
     if owns_sigint:
         stop_requested.clear()
-    previous = {s: signal.signal(s, _interrupt) for s in signals}
     try:
-        yield
+        with _handling(_interrupt, signals):
+            yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
         if owns_sigint:
             stop_requested.clear()
