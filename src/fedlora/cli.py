@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "fedlora.sim.cli",
     "fedlora.experiments.cli",
     "fedlora.flower.cli",
+    "fedlora.export.cli",
 ]
 
 

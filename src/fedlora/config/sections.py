@@ -14,6 +14,9 @@ from typing import Any
 
 from fedlora.errors import ConfigError
 
+#: the experiment trackers ``run.trackers`` may name (implemented in :mod:`fedlora.tracking`)
+TRACKER_NAMES = ("tensorboard", "mlflow")
+
 
 @dataclass
 class RunSection:
@@ -23,7 +26,13 @@ class RunSection:
     output_dir: parent folder of run directories (default ``"runs"``).
     dir: an explicit run directory; empty means ``output_dir/name`` (default ``""``).
     seed: the master seed; client sampling, batches and dropout are seeded per (seed, round, client).
-    progress: show the rich progress bar (default True).
+    progress: show the rich progress bar (default True); false silences every progress bar, the
+        libraries' too (datasets, transformers, huggingface_hub), as ``--quiet`` does.
+    trackers: experiment trackers that log each metrics row as it is committed, and the config:
+        ``"tensorboard"`` (``RUN_DIR/tensorboard/``) and/or ``"mlflow"`` (default none; needs
+        ``pip install 'fedlora[tracking]'``; see :mod:`fedlora.tracking`).
+    tracking_uri: MLflow's tracking URI; empty (default) means a local SQLite store beside the run
+        directory, ``sqlite:///<parent of RUN_DIR>/mlflow.db``.
     """
 
     name: str = "run"
@@ -31,6 +40,8 @@ class RunSection:
     dir: str = ""
     seed: int = 0
     progress: bool = True
+    trackers: list[str] = field(default_factory=list)
+    tracking_uri: str = ""
 
 
 @dataclass
@@ -60,6 +71,11 @@ class LoRASection:
         query, value; llama: q_proj, v_proj; gpt2: c_attn).
     client_ranks: per-client ranks, cycled over clients (client k gets client_ranks[k mod len]);
         empty means every client uses ``r``. Needs a strategy with heterogeneous ranks.
+    init_adapter: a PEFT adapter folder (``adapter_config.json`` + weights; e.g. a run's
+        ``adapter/`` or ``fedlora export --adapter``) the federation starts from instead of PEFT's
+        fresh initialisation. Its rank, alpha and target modules fill in ``r``, ``alpha`` and
+        ``target_modules`` when the config leaves them out; a config that sets a different value
+        is an error naming both (see :mod:`fedlora.init_adapter`). Default ``""``: fresh.
     """
 
     r: int = 4
@@ -67,6 +83,7 @@ class LoRASection:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)
     client_ranks: list[int] = field(default_factory=list)
+    init_adapter: str = ""
 
 
 @dataclass
@@ -206,6 +223,9 @@ class RunConfig:
         checks = [
             ("run.name", self.run.name != "", "must not be empty"),
             ("run.seed", self.run.seed >= 0, "must be ≥ 0"),
+            ("run.trackers", all(t in TRACKER_NAMES for t in self.run.trackers),
+             f"each must be one of {', '.join(TRACKER_NAMES)}"),
+            ("run.trackers", len(set(self.run.trackers)) == len(self.run.trackers), "names a tracker twice"),
             ("model.name", self.model.name != "", "must not be empty"),
             ("model.threads", self.model.threads >= 0, "must be ≥ 0 (0 = torch's default)"),
             ("lora.r", self.lora.r >= 1, "must be ≥ 1"),

@@ -9,8 +9,10 @@ from typing import Any
 from fedlora.config.sections import RunConfig
 
 
-#: keys that change nothing a run computes: where it is written, how it shows progress, CPU threads
-NEUTRAL_KEYS = frozenset({"run.name", "run.output_dir", "run.dir", "run.progress", "model.threads"})
+#: keys that change nothing a run computes: where it is written, how it shows progress, where it is
+#: tracked, CPU threads
+NEUTRAL_KEYS = frozenset({"run.name", "run.output_dir", "run.dir", "run.progress", "run.trackers", "run.tracking_uri",
+                          "model.threads"})
 
 #: keys a resumed run may change: they do not change the trained model's shape or data (more rounds,
 #: the evaluation cadence and batch, whether a NaN client raises) beyond the neutral ones

@@ -51,6 +51,10 @@ def from_dict(data: Mapping[str, Any], base: RunConfig | None = None) -> RunConf
     cfg = RunConfig(**{name: hints[name](**out[name]) for name in SECTIONS})
     if "local_steps" in data.get("train", {}):  # given, even at its default value
         _check_steps_or_epochs(cfg)
+    if cfg.lora.init_adapter:  # the adapter's rank, alpha and targets fill in what the input left out
+        from fedlora.peft_adapter import apply_to_config
+
+        cfg = apply_to_config(cfg, given=set(data.get("lora", {})))
     return cfg
 
 

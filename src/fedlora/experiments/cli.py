@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--config", default=None, help="preset to start from (default: configs/quickstart.toml's values)")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     q.add_argument("--output-dir", default="runs/quickstart", help="where the runs and the comparison go")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--quiet", action="store_true",
+                   help="no progress bars: neither fedlora's nor those of datasets, transformers and "
+                        "huggingface_hub (as run.progress=false)")
     q.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("compare", help="run a grid: strategies × seeds × --grid values, resumable",
@@ -45,7 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="delete and rerun the grid's cells that were run with other settings (only those; "
                         "without it such cells stop the command before anything runs)")
     p.add_argument("--no-report", action="store_true", help="do not write summary.md and plots at the end")
-    p.add_argument("--quiet", action="store_true", help="no per-round progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars: neither fedlora's nor those of datasets, transformers and "
+                        "huggingface_hub (as run.progress=false)")
     p.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("report", help="summary.md and plots for a folder of runs (a compare grid)",

@@ -210,3 +210,20 @@ def restore_checkpoint_extra(fed: Federation, ckpt: dict[str, Any], path: Path) 
         fed.shared.base_merged = {layer: d.clone() for layer, d in ckpt["base_merged"].items()}
     if "torch_rng" in extra:
         torch.set_rng_state(extra["torch_rng"])
+
+
+def start_state(fed: Federation, log: Callable[[str], None] = print):
+    """The round-0 global state: the strategy's :meth:`~fedlora.strategies.Strategy.init_state` from
+    PEFT's fresh adapter, or from ``lora.init_adapter`` (:mod:`fedlora.peft_adapter`) laid over it."""
+    cfg = fed.cfg
+    fresh = fed.shared.initial_adapter()
+    if not cfg.lora.init_adapter:
+        return fed.strategy.init_state(fresh, alpha=cfg.lora.alpha, seed=cfg.run.seed)
+    from fedlora import peft_adapter
+
+    path = cfg.lora.init_adapter
+    peft_adapter.check_task_type(path, fed.task.peft_task_type)
+    start = peft_adapter.start_adapter(path, fresh, log)
+    scaling = peft_adapter.adapter_scaling(peft_adapter.read_adapter_config(path))
+    return fed.strategy.init_state(start, alpha=cfg.lora.alpha, seed=cfg.run.seed, start_scaling=scaling)
+

@@ -13,6 +13,7 @@ the first training step, and the strategy is driven only through its generic hoo
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,16 +23,18 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FedLoRAError, RoundFailedError
 from fedlora.runtime.evaluation import evaluate_global, personal_summary
 from fedlora.runtime.federation import (Federation, checkpoint_extra, client_context, prepare,
-                                        restore_checkpoint_extra, sample_clients)
-from fedlora.runtime.records import (NO_BYTES, Display, completed_line, metrics_row, resume_line, round_line,
-                                     summarize)
-from fedlora.runtime.rundir import RunDir
+                                        restore_checkpoint_extra, sample_clients, start_state)
+from fedlora.runtime.quiet import quiet_unless_progress
+from fedlora.runtime.records import (NO_BYTES, Display, completed_line, metric_line, metrics_row, resume_line,
+                                     round_line, summarize)
+from fedlora.runtime.rundir import INITIAL_EVAL, RunDir
 from fedlora.runtime.signals import raise_if_stopped, signals_deferred, stop_signals_interrupt
 from fedlora.runtime.transport import RoundReplies, Transport
 from fedlora.strategies import GlobalState
 
 
 @stop_signals_interrupt()
+@quiet_unless_progress  # no progress display: no datasets/transformers/hub bars either
 def run(cfg: RunConfig, transport: Transport, *, resume: str | Path | None = None, progress: bool | None = None,
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a federation over ``transport``; returns the summary (also in summary.json).
@@ -50,6 +53,7 @@ def run(cfg: RunConfig, transport: Transport, *, resume: str | Path | None = Non
     from rich.console import Console
 
     from fedlora.data import plot_partition
+    from fedlora.tracking import open_trackers, require_trackers
 
     t_start = time.perf_counter()
     show = cfg.run.progress if progress is None else progress
@@ -71,10 +75,11 @@ def run(cfg: RunConfig, transport: Transport, *, resume: str | Path | None = Non
                               f"completed {point.round} rounds; ask for at least that many")
     else:
         RunDir.check_location(cfg)
+    require_trackers(cfg)  # an unknown tracker or a missing package: before the model loads
 
     fed = prepare(cfg, say)  # every input error surfaces here, before any training
     strategy, shared = fed.strategy, fed.shared
-    state = strategy.init_state(shared.initial_adapter(), alpha=cfg.lora.alpha, seed=cfg.run.seed)
+    state = start_state(fed, say)
     for k in range(fed.num_clients):  # a client the strategy cannot start (e.g. its rank) fails now, not mid-run
         strategy.client_start(state, None, client_context(fed, k, 0, fed.num_clients))
     checkpoint = None
@@ -90,12 +95,16 @@ def run(cfg: RunConfig, transport: Transport, *, resume: str | Path | None = Non
         rundir = RunDir.create(cfg)
         rundir.write_json("partition.json", fed.partition_summary)
         plot_partition(fed.partition_summary, rundir.path / "partition.png")  # (atomic)
+        if cfg.lora.init_adapter:  # where the start adapter stands, before any training
+            rundir.write_json(INITIAL_EVAL, evaluate_global(fed, state))
+            say(f"start adapter {cfg.lora.init_adapter}: {metric_line(rundir.read_json(INITIAL_EVAL))}")
     say(f"run directory: {rundir.path}")
 
     status = "completed"
     complete = (state, dict(shared.base_merged))  # the last round that is fully written
     failed_row = None  # the row of a round that could not complete (it is not in metrics.jsonl)
     display = Display(console, show, cfg.train.rounds, state.round)
+    trackers = open_trackers(cfg, rundir.path, resume=resume is not None)  # run.trackers; none: imports nothing
     try:
         transport.open(fed, checkpoint)
         with display:
@@ -120,6 +129,7 @@ def run(cfg: RunConfig, transport: Transport, *, resume: str | Path | None = Non
                     rundir.commit_round(row, state, transport.personal_states(), shared.base_merged,
                                         dict(checkpoint_extra(fed), transport=transport.state_dict()))
                     complete = (state, dict(shared.base_merged))
+                trackers.log_row(row)  # after the commit: a tracker never holds a row metrics.jsonl lacks
                 display.round_done(round_line(row, cfg.train.rounds))
     except KeyboardInterrupt:
         status = "interrupted"
@@ -130,6 +140,8 @@ def run(cfg: RunConfig, transport: Transport, *, resume: str | Path | None = Non
         finish(fed, rundir, *complete, f"failed: {e}", time.perf_counter() - t_start, transport.engine,
                failed_row=failed_row)
         raise
+    finally:
+        trackers.close("failed" if sys.exc_info()[0] is not None else status)
     transport.close()
     summary = finish(fed, rundir, *complete, status, time.perf_counter() - t_start, transport.engine)
     if status == "interrupted":
@@ -198,6 +210,9 @@ def finish(fed: Federation, rundir: RunDir, state: GlobalState, base_merged: dic
                    rounds=cfg.train.rounds, wall_s=wall_s, run_dir=str(rundir.path),
                    adapter=str(rundir.path / "adapter"),
                    base_delta=str(rundir.path / "base_delta.safetensors") if base_merged else None, engine=engine)
+    initial = rundir.read_json(INITIAL_EVAL)
+    if initial is not None:  # the evaluation of the start adapter, before round 1
+        summary["initial_eval"] = initial
     samples = [r["eval"]["global"]["samples"] for r in rows if (r.get("eval") or {}).get("global", {}).get("samples")]
     if samples:  # generation tasks: the last evaluation's generated samples
         summary["samples"] = samples[-1]

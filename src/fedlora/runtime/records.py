@@ -81,8 +81,7 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
         parts.append(f"loss {row['train_loss']:.4f}")
     ev = row.get("eval")
     if ev:
-        g = ev["global"]
-        parts.append(f"acc {g['accuracy']:.3f}" if "accuracy" in g else f"eval loss {g['loss']:.4f}")
+        parts.append(metric_line(ev["global"]))
         p = ev.get("personal")
         if p and "accuracy_weighted" in p:
             parts.append(f"personal {p['accuracy_weighted']:.3f} (w) / {p['accuracy_unweighted']:.3f} (u)")
@@ -92,6 +91,12 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     parts.append(f"↑{row['bytes_up'] / 2**20:.2f} MB ↓{row['bytes_down'] / 2**20:.2f} MB")
     parts.append(f"{row['wall_s']:.1f}s")
     return " · ".join(parts)
+
+
+def metric_line(evaluation: dict[str, Any]) -> str:
+    """A global evaluation's headline: ``acc 0.744`` or ``eval loss 1.2345``."""
+    g = evaluation
+    return f"acc {g['accuracy']:.3f}" if "accuracy" in g else f"eval loss {g['loss']:.4f}"
 
 
 #: the communication of a round that sent nothing

@@ -9,6 +9,7 @@
       checkpoint.pt            the state after the last completed round (replaced atomically)
       summary.json             headline numbers and status; written at the end (or on Ctrl-C,
                                SIGTERM or a failed round)
+      initial_eval.json        only with lora.init_adapter: the start adapter's global evaluation
       adapter/                 the final global adapter in PEFT format:
         adapter_config.json      PeftModel.from_pretrained(base, RUN_DIR/adapter) loads it
         adapter_model.safetensors
@@ -47,6 +48,8 @@ from fedlora.strategies.base import GlobalState
 __all__ = ["CHECKPOINT_VERSION", "ResumePoint", "RunDir", "dumps"]
 
 CHECKPOINT_VERSION = 1
+#: the global evaluation of the start adapter (``lora.init_adapter``), before round 1
+INITIAL_EVAL = "initial_eval.json"
 
 
 def _json_safe(value: Any) -> Any:
@@ -220,6 +223,16 @@ class RunDir:
 
     def write_json(self, name: str, value: Any) -> None:
         atomic_write(self.path / name, json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n")
+
+    def read_json(self, name: str) -> Any:
+        """A JSON file of the run (``write_json``'s), or None when there is none."""
+        path = self.path / name
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
 
     # ---- metrics --------------------------------------------------------------------------------------
     def append_metrics(self, row: Mapping[str, Any]) -> None:

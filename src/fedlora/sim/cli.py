@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set train.lr=1e-3 --set strategy.name=fedrot")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars: neither fedlora's nor those of datasets, transformers and "
+                        "huggingface_hub (as run.progress=false)")
     p.set_defaults(func=cmd_run)
 
 

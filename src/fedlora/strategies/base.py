@@ -257,8 +257,15 @@ class Strategy:
         return Adapter.from_state_dict(full)
 
     # ---- server side ----------------------------------------------------------------------------
-    def init_state(self, adapter: Adapter, *, alpha: float = 16.0, seed: int = 0) -> GlobalState:
-        """The round-0 global state from an initial adapter (PEFT's init: A random, B zero).
+    def init_state(self, adapter: Adapter, *, alpha: float = 16.0, seed: int = 0,
+                   start_scaling: float | None = None) -> GlobalState:
+        """The round-0 global state from an initial adapter: PEFT's init (A random, B zero), or, with
+        ``start_scaling``, a trained adapter to start from (``lora.init_adapter``) whose factors were
+        trained at that LoRA scaling.
+
+        A trained adapter keeps its ΔW = s·B·A exactly: where this strategy's scaling s' differs
+        (e.g. SFed-LoRA's γ/r, or an rsLoRA adapter), B is rescaled by s/s'. ``info["start_adapter"]``
+        records that the run started from one.
 
         An adapter with NaN/Inf or malformed factors, or a non-positive ``alpha``, raises an error
         naming the layer or the value.
@@ -267,8 +274,14 @@ class Strategy:
         check_alpha(alpha, "init_state")
         rank = next(iter(adapter.layers.values())).rank if adapter.layers else 1
         ctx = ClientContext(client_id="server", round=0, alpha=alpha)
-        return GlobalState(adapter=adapter.clone(), round=0, scaling=self.scaling(ctx, rank),
-                           info={"seed": seed, "alpha": alpha})
+        state = GlobalState(adapter=adapter.clone(), round=0, scaling=self.scaling(ctx, rank),
+                            info={"seed": seed, "alpha": alpha})
+        if start_scaling is not None:
+            state.info["start_adapter"] = True
+            ratio = float(start_scaling) / state.scaling
+            if ratio != 1.0:
+                state.adapter = state.adapter.map(lambda name, p: LoRAPair(p.A, p.B * ratio))
+        return state
 
     def weights(self, updates: Sequence[ClientUpdate]) -> Tensor:
         """Normalised client weights p_k (float64)."""

@@ -80,6 +80,10 @@ class FFA(Strategy):
     An engine whose client did not take part in round 0 rebuilds A the same way instead of
     downloading it. B keeps the initial adapter's value (PEFT's zeros).
 
+    Started from a trained adapter (``lora.init_adapter``): A is frozen at that adapter's A, not
+    re-drawn (the start is then exactly the adapter; A travels in round 0's download as always),
+    and B trains on from the adapter's B.
+
     Aggregation: B̄ = Σ p_k B_k, extras averaged; A never changes. Exact: Σ p_k B_k A₀ = B̄A₀.
 
     Communication per layer: upload r·d_out (B) each round; download r·(d_in + d_out) in round 0,
@@ -103,8 +107,11 @@ class FFA(Strategy):
         check_frozen(adapter, reference, frozenset({"A"}), ctx, "FFA-LoRA")
         return adapter, {}
 
-    def init_state(self, adapter: Adapter, *, alpha: float = 16.0, seed: int = 0) -> GlobalState:
-        state = super().init_state(adapter, alpha=alpha, seed=seed)
+    def init_state(self, adapter: Adapter, *, alpha: float = 16.0, seed: int = 0,
+                   start_scaling: float | None = None) -> GlobalState:
+        state = super().init_state(adapter, alpha=alpha, seed=seed, start_scaling=start_scaling)
+        if start_scaling is not None:  # a trained adapter: A stays frozen where it is
+            return state
         state.adapter = state.adapter.map(lambda name, p: LoRAPair(
             seeded_kaiming_A(p.rank, p.A.shape[1], "ffa", seed, name, dtype=p.A.dtype, device=p.A.device), p.B))
         return state

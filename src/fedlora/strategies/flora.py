@@ -67,6 +67,11 @@ class FLoRA(Strategy):
     The global LoRA is then re-initialised: A re-drawn by :func:`fresh_adapter` keyed by (seed,
     next round), B = 0; extras are averaged by weight. :meth:`init_state` does the same for round 0.
 
+    Started from a trained adapter (``lora.init_adapter``): round 0 is not re-initialised; clients
+    train on from the adapter, and round 1's merge (the clients' whole adapters, stacked) carries
+    the start's ΔW into the base once, after which LoRA restarts fresh as every round. Clients must
+    then all have the adapter's rank in round 0 (a fresh lower-rank start would drop its share).
+
     Client: ranks may differ. :meth:`client_start` hands a client whose ``ctx.rank`` differs from the
     global rank a fresh rank-``ctx.rank`` adapter (the same seeded draw, B = 0).
 
@@ -85,15 +90,21 @@ class FLoRA(Strategy):
     factor_averaging = False
     mixed_scalings = True
 
-    def init_state(self, adapter: Adapter, *, alpha: float = 16.0, seed: int = 0) -> GlobalState:
-        state = super().init_state(adapter, alpha=alpha, seed=seed)
-        state.adapter = fresh_adapter(state.adapter, None, seed, 0)
+    def init_state(self, adapter: Adapter, *, alpha: float = 16.0, seed: int = 0,
+                   start_scaling: float | None = None) -> GlobalState:
+        state = super().init_state(adapter, alpha=alpha, seed=seed, start_scaling=start_scaling)
+        if start_scaling is None:
+            state.adapter = fresh_adapter(state.adapter, None, seed, 0)
         return state
 
     def client_start(self, state: GlobalState, personal: Adapter | None, ctx: ClientContext) -> Adapter:
         ranks = set(state.adapter.ranks().values())
         if ctx.rank is None or ranks == {ctx.rank}:
             return state.adapter.clone()
+        if state.round == 0 and state.info.get("start_adapter"):
+            raise ConfigError(f"client {ctx.client_id}: rank {ctx.rank} differs from the start adapter's rank "
+                              f"{sorted(ranks)[0]} (lora.init_adapter); FLoRA would restart it from a fresh "
+                              "adapter and lose its share of the start. Use one rank with lora.init_adapter")
         return fresh_adapter(state.adapter, ctx.rank, state.info.get("seed", 0), state.round, ctx.client_id)
 
     def _aggregate(self, updates: list[ClientUpdate], weights: Tensor, state: GlobalState) -> GlobalState:
