@@ -24,6 +24,7 @@ from fedlora.config.sections import (
     LoRASection,
     ModelSection,
     PartitionSection,
+    PrivacySection,
     RunConfig,
     RunSection,
     StrategySection,
@@ -42,7 +43,7 @@ from fedlora.config.toml_io import apply_overrides, from_dict, load_config, to_t
 from fedlora.config.values import SetValue, coerce, parse_value
 
 __all__ = [
-    "SECTIONS", "DataSection", "EvalSection", "LoRASection", "ModelSection", "PartitionSection", "RunConfig",
+    "SECTIONS", "DataSection", "EvalSection", "LoRASection", "ModelSection", "PartitionSection", "PrivacySection", "RunConfig",
     "RunSection", "StrategySection", "TrainSection",
     "NEUTRAL_KEYS", "RESUMABLE_KEYS", "fingerprint", "flat_settings", "format_diff", "result_settings", "settings_diff",
     "apply_overrides", "from_dict", "load_config", "to_toml",

@@ -1,7 +1,7 @@
 """The config's typed sections and :class:`RunConfig`, the whole run, with its range checks.
 
 One dataclass per section (``run``, ``model``, ``lora``, ``data``, ``partition``, ``train``,
-``strategy``, ``eval``); every field has a working default, documented in its section's docstring.
+``strategy``, ``eval``, ``privacy``); every field has a working default, documented in its section's docstring.
 :meth:`RunConfig.validate` checks ranges and settings that would override each other, and raises
 :class:`~fedlora.errors.ConfigError` naming the key.
 """
@@ -197,6 +197,38 @@ class EvalSection:
     batch_size: int = 64
 
 
+PRIVACY_MODES = ("none", "client", "sample")
+
+
+@dataclass
+class PrivacySection:
+    """Differential privacy (see :mod:`fedlora.privacy`; needs ``pip install 'fedlora[dp]'``).
+
+    mode: ``"none"`` (default); ``"client"``: client-level DP-FedAvg (McMahan et al., ICLR 2018):
+        each client's update (its upload minus its start) is clipped to L2 norm ``clip`` and the
+        server adds N(0, σ²·clip²) to the sum, dividing by a fixed denominator; clients are then
+        sampled by Poisson sampling at rate clients-per-round / clients; ``"sample"``: DP-SGD
+        (Abadi et al., 2016) in every client's local training, through Opacus, with Poisson
+        batches; each client's ε is over its own steps.
+    clip: the L2 clipping norm C (per client update, or per example's gradient; default 1.0).
+    noise_multiplier: σ, the noise std in units of ``clip`` (default 0: set it or target_epsilon;
+        σ = 0 adds no noise and gives no privacy, ε = ∞).
+    target_epsilon: calibrate σ before the run so that ε after ``train.rounds`` rounds is this
+        (0 = off; excludes noise_multiplier).
+    delta: the δ of (ε, δ)-DP (default 1e-5).
+    max_epsilon: stop the run cleanly before a round that would take ε above it (0 = no limit).
+    adaptive_clip: adaptive clipping (Andrew et al., NeurIPS 2021); not implemented yet.
+    """
+
+    mode: str = "none"
+    clip: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    max_epsilon: float = 0.0
+    adaptive_clip: bool = False
+
+
 @dataclass
 class RunConfig:
     """A whole run. Build with :func:`load_config`; every section has working defaults."""
@@ -209,6 +241,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     strategy: StrategySection = field(default_factory=StrategySection)
     eval: EvalSection = field(default_factory=EvalSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -266,6 +299,12 @@ class RunConfig:
             ("eval.every", self.eval.every >= 1, "must be ≥ 1"),
             ("eval.client_examples", self.eval.client_examples >= 0, "must be ≥ 0 (0 = all)"),
             ("eval.batch_size", self.eval.batch_size >= 1, "must be ≥ 1"),
+            ("privacy.mode", self.privacy.mode in PRIVACY_MODES, f"must be one of {', '.join(PRIVACY_MODES)}"),
+            ("privacy.clip", self.privacy.clip > 0, "must be positive"),
+            ("privacy.noise_multiplier", self.privacy.noise_multiplier >= 0, "must be ≥ 0"),
+            ("privacy.target_epsilon", self.privacy.target_epsilon >= 0, "must be ≥ 0 (0 = off)"),
+            ("privacy.delta", 0 < self.privacy.delta < 1, "must be in (0, 1)"),
+            ("privacy.max_epsilon", self.privacy.max_epsilon >= 0, "must be ≥ 0 (0 = no limit)"),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -280,7 +319,17 @@ class RunConfig:
         if self.partition.method == "natural" and not self.partition.column:
             raise ConfigError("partition.method = 'natural' needs partition.column: the column whose distinct "
                               "values are the clients (e.g. an author or speaker id)")
-        make_strategy(self.strategy.name, self.strategy.options)
+        strategy = make_strategy(self.strategy.name, self.strategy.options)
+        if self.privacy.mode != "none":
+            from fedlora.privacy import check_privacy  # no privacy package is imported here
+
+            check_privacy(self, strategy)
+        else:  # a privacy setting with privacy off would silently train without it
+            for key in ("noise_multiplier", "target_epsilon", "max_epsilon"):
+                if getattr(self.privacy, key):
+                    raise ConfigError(f"privacy.{key} = {getattr(self.privacy, key)!r} is set but privacy.mode = "
+                                      "'none', so the run would not be private; set privacy.mode to 'client' or "
+                                      "'sample', or remove it")
         return self
 
 

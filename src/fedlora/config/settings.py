@@ -16,7 +16,8 @@ NEUTRAL_KEYS = frozenset({"run.name", "run.output_dir", "run.dir", "run.progress
 
 #: keys a resumed run may change: they do not change the trained model's shape or data (more rounds,
 #: the evaluation cadence and batch, whether a NaN client raises) beyond the neutral ones
-RESUMABLE_KEYS = NEUTRAL_KEYS | {"train.rounds", "eval.every", "eval.batch_size", "train.fail_fast"}
+RESUMABLE_KEYS = NEUTRAL_KEYS | {"train.rounds", "eval.every", "eval.batch_size", "train.fail_fast",
+                                 "privacy.max_epsilon"}
 
 
 def flat_settings(cfg: RunConfig) -> dict[str, Any]:

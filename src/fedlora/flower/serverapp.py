@@ -57,6 +57,10 @@ def check_secagg(cfg: RunConfig, options: FlowerOptions) -> None:
     """Refuse SecAgg+ for a strategy whose server needs more than the weighted sum of uploads."""
     if not options.secagg:
         return
+    if cfg.privacy.mode == "client":
+        raise ConfigError("privacy.mode = 'client' with SecAgg+ is not implemented yet (the server would add the "
+                          "noise to the sum SecAgg+ reveals, with unweighted client sums); run client-level DP "
+                          "without --secagg, or use privacy.mode = 'sample'")
     from fedlora.runtime.federation import build_strategy
 
     strategy = build_strategy(cfg)

@@ -45,6 +45,7 @@ class Federation:
     target_modules: list[str]
     num_labels: int
     partition_summary: dict[str, Any] = field(default_factory=dict)
+    dp_sigma: float = 0.0  # privacy: the noise multiplier used (configured, or calibrated to target_epsilon)
 
     @property
     def num_clients(self) -> int:
@@ -144,18 +145,33 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Federation:
     ranks = cfg.lora.client_ranks or [cfg.lora.r]
     client_ranks = [ranks[k % len(ranks)] for k in range(len(parts))]
     num_labels = base.config.num_labels
+    dp_sigma = 0.0
+    if cfg.privacy.mode != "none":
+        from fedlora.privacy import noise_multiplier
+
+        dp_sigma = noise_multiplier(cfg, [len(t) for t in client_train])
     return Federation(cfg, strategy, task, shared, device, train, validation, eval_indices, client_train,
-                      client_heldout, client_ranks, model_path, targets, num_labels, summary)
+                      client_heldout, client_ranks, model_path, targets, num_labels, summary, dp_sigma)
 
 
-def sample_clients(seed: int, round: int, num_clients: int, cfg) -> list[int]:
-    """This round's clients: ``clients_per_round`` of them, else ``client_fraction`` (at least one),
-    drawn without replacement from a generator keyed by (seed, round) alone."""
+def clients_per_round(num_clients: int, cfg) -> int:
+    """How many clients a round samples: ``clients_per_round``, else ``client_fraction`` of them
+    (at least one, at most all)."""
     count = cfg.clients_per_round or max(1, round_half_up(cfg.client_fraction * num_clients))
-    count = min(count, num_clients)
+    return min(count, num_clients)
+
+
+def sample_clients(seed: int, round: int, num_clients: int, cfg, poisson: bool = False) -> list[int]:
+    """This round's clients: :func:`clients_per_round` of them, drawn without replacement from a
+    generator keyed by (seed, round) alone. ``poisson`` (client-level DP): each client joins
+    independently with probability count / num_clients, so a round may have more, fewer or no
+    clients (the sampling the privacy accounting assumes)."""
+    count = clients_per_round(num_clients, cfg)
     if count == num_clients:
         return list(range(num_clients))
     rng = np.random.default_rng([seed, round, 0x5A3])
+    if poisson:
+        return [int(k) for k in np.flatnonzero(rng.random(num_clients) < count / num_clients)]
     return sorted(int(k) for k in rng.choice(num_clients, count, replace=False))
 
 

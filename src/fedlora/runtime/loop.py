@@ -13,6 +13,7 @@ the first training step, and the strategy is driven only through its generic hoo
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from fedlora.runtime.federation import (Federation, checkpoint_extra, client_con
 from fedlora.runtime.quiet import quiet_unless_progress
 from fedlora.runtime.records import (NO_BYTES, Display, completed_line, metric_line, metrics_row, resume_line,
                                      round_line, summarize)
+from fedlora.runtime.privacy import RunPrivacy
 from fedlora.runtime.rundir import INITIAL_EVAL, RunDir
 from fedlora.runtime.signals import raise_if_stopped, signals_deferred, stop_signals_interrupt
 from fedlora.runtime.transport import RoundReplies, Transport
@@ -99,6 +101,9 @@ def run(cfg: RunConfig, transport: Transport, *, resume: str | Path | None = Non
             rundir.write_json(INITIAL_EVAL, evaluate_global(fed, state))
             say(f"start adapter {cfg.lora.init_adapter}: {metric_line(rundir.read_json(INITIAL_EVAL))}")
     say(f"run directory: {rundir.path}")
+    dp = RunPrivacy.open(fed, [json.loads(line) for line in point.lines] if resume is not None else [])
+    if dp is not None:
+        say(dp.describe())
 
     status = "completed"
     complete = (state, dict(shared.base_merged))  # the last round that is fully written
@@ -112,19 +117,27 @@ def run(cfg: RunConfig, transport: Transport, *, resume: str | Path | None = Non
                 raise_if_stopped()
                 t = state.round
                 t0 = time.perf_counter()
-                sampled = sample_clients(cfg.run.seed, t, fed.num_clients, cfg.train)
-                replies = transport.train(state, sampled, display.status)
+                sampled = dp.sample(t) if dp else sample_clients(cfg.run.seed, t, fed.num_clients, cfg.train)
+                stop = dp.over_budget(sampled) if dp else None
+                if stop is not None:
+                    status = f"stopped: {stop}"
+                    say(stop)
+                    break
+                # under client-level DP a Poisson round may sample no one: the server releases noise alone
+                replies = transport.train(state, sampled, display.status) if sampled else RoundReplies()
                 t_train = time.perf_counter() - t0
-                if len(replies.updates) < transport.min_replies:  # a model carried over unchanged is no round's result
+                needed = 0 if dp and dp.client_level else transport.min_replies
+                if len(replies.updates) < needed:  # a model carried over unchanged is no round's result
                     failed_row = metrics_row(t, sampled, replies.failed, {}, None, None, NO_BYTES, t0=t0,
                                              train_s=t_train, eval_s=0.0)
                     raise RoundFailedError(too_few_message(t, replies, sampled, transport.min_replies))
 
                 display.status("aggregating")
-                state, diag, comm = aggregate_round(fed, state, replies)
+                state, diag, comm = aggregate_round(fed, state, replies, dp)
                 evaluation, t_eval = evaluate_if_due(fed, transport, state, t, display.status)
+                privacy = {"privacy": dp.record(sampled)} if dp else {}
                 row = metrics_row(t, sampled, replies.failed, replies.losses, evaluation, diag, comm, t0=t0,
-                                  train_s=t_train, eval_s=t_eval, **replies.row)
+                                  train_s=t_train, eval_s=t_eval, **replies.row, **privacy)
                 with signals_deferred():  # a signal here lands after the row, the checkpoint and `complete` agree
                     rundir.commit_round(row, state, transport.personal_states(), shared.base_merged,
                                         dict(checkpoint_extra(fed), transport=transport.state_dict()))
@@ -138,12 +151,12 @@ def run(cfg: RunConfig, transport: Transport, *, resume: str | Path | None = Non
     except FedLoRAError as e:  # a failed round, fail_fast, a strategy rejecting the round: keep what is complete
         transport.close()
         finish(fed, rundir, *complete, f"failed: {e}", time.perf_counter() - t_start, transport.engine,
-               failed_row=failed_row)
+               failed_row=failed_row, dp=dp)
         raise
     finally:
         trackers.close("failed" if sys.exc_info()[0] is not None else status)
     transport.close()
-    summary = finish(fed, rundir, *complete, status, time.perf_counter() - t_start, transport.engine)
+    summary = finish(fed, rundir, *complete, status, time.perf_counter() - t_start, transport.engine, dp=dp)
     if status == "interrupted":
         raise KeyboardInterrupt
     say(completed_line(summary))
@@ -159,16 +172,21 @@ def too_few_message(t: int, replies: RoundReplies, sampled: list[int], minimum: 
             f"{minimum}; failures: " + "; ".join(f"client {f['client']}: {f['error']}" for f in replies.failed))
 
 
-def aggregate_round(fed: Federation, state: GlobalState, replies: RoundReplies) -> tuple[GlobalState, Any, dict]:
+def aggregate_round(fed: Federation, state: GlobalState, replies: RoundReplies,
+                    dp: RunPrivacy | None = None) -> tuple[GlobalState, Any, dict]:
     """Aggregate a round's updates, merge any base-weight change into the shared model, and measure it.
 
-    Returns (new state, diagnostics or None, communication bytes). Under secure aggregation the one
-    update the server holds is aggregated instead, and the diagnostics, which need individual
-    uploads, are skipped."""
+    Under client-level DP the strategy aggregates one update, the noised mean of the clipped uploads
+    (:meth:`RunPrivacy.noised_update`), and the per-client diagnostics are skipped (they would
+    publish what the noise hides). Returns (new state, diagnostics or None, communication bytes).
+    Under secure aggregation the one update the server holds is aggregated instead, and the
+    diagnostics, which need individual uploads, are skipped."""
     from fedlora.diagnostics import communication_bytes, keeps_personal_state, round_diagnostics
 
     strategy = fed.strategy
     secure = replies.secure
+    if dp is not None and dp.client_level:
+        secure = dp.noised_update(state, replies.updates)
     new = strategy.aggregate([secure] if secure is not None else replies.updates, state)
     if new.base_delta:
         fed.shared.merge_base(new.base_delta)
@@ -195,9 +213,10 @@ def evaluate_if_due(fed: Federation, transport: Transport, state: GlobalState, t
 
 
 def finish(fed: Federation, rundir: RunDir, state: GlobalState, base_merged: dict, status: str, wall_s: float,
-           engine: str, failed_row: dict[str, Any] | None = None) -> dict[str, Any]:
+           engine: str, failed_row: dict[str, Any] | None = None, dp: RunPrivacy | None = None) -> dict[str, Any]:
     """Save the global adapter and merged base change of the last complete round, write summary.json.
-    ``failed_row`` is the row of a round that could not complete: not logged, but its failures count."""
+    ``failed_row`` is the row of a round that could not complete: not logged, but its failures count.
+    With privacy on, the summary has a ``privacy`` block (ε of the complete rounds, δ, σ, C, sampling)."""
     cfg = fed.cfg
     rundir.save_adapter(state.adapter, scaling=state.scaling, base_model=fed.model_path,
                         task_type=fed.task.peft_task_type, target_modules=fed.target_modules, dropout=cfg.lora.dropout,
@@ -210,6 +229,8 @@ def finish(fed: Federation, rundir: RunDir, state: GlobalState, base_merged: dic
                    rounds=cfg.train.rounds, wall_s=wall_s, run_dir=str(rundir.path),
                    adapter=str(rundir.path / "adapter"),
                    base_delta=str(rundir.path / "base_delta.safetensors") if base_merged else None, engine=engine)
+    if dp is not None:
+        summary["privacy"] = dp.summary()
     initial = rundir.read_json(INITIAL_EVAL)
     if initial is not None:  # the evaluation of the start adapter, before round 1
         summary["initial_eval"] = initial

@@ -88,6 +88,9 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     d = row.get("diagnostics")
     if d and d.get("agg_error_rel") is not None:
         parts.append(f"agg.err {d['agg_error_rel']:.2e}")
+    if row.get("privacy"):
+        eps = row["privacy"].get("epsilon")
+        parts.append("ε ∞" if eps is None else f"ε {eps:.3g}")
     parts.append(f"↑{row['bytes_up'] / 2**20:.2f} MB ↓{row['bytes_down'] / 2**20:.2f} MB")
     parts.append(f"{row['wall_s']:.1f}s")
     return " · ".join(parts)

@@ -94,13 +94,19 @@ LossFn = Callable[[torch.nn.Module, dict[str, Tensor]], Tensor]
 def local_train(shared, task, data, indices: np.ndarray, *, cfg: TrainSection, lr: float, steps: int,
                 parts: frozenset[str], train_extras: bool, regularizer: Callable[[Adapter], Tensor | None],
                 seed: int, device: torch.device, autocast: contextlib.AbstractContextManager | None = None,
-                loss_fn: LossFn | None = None, client_id: object = None) -> LocalResult:
+                loss_fn: LossFn | None = None, client_id: object = None,
+                dp_sgd: tuple[float, float] | None = None) -> LocalResult:
     """Train the shared model's live adapter on ``indices`` of ``data`` for ``steps`` steps.
 
     The caller has loaded the client's start adapter. ``parts`` ("A", "B") and ``train_extras`` say
     what trains; ``regularizer(live_adapter)`` adds the strategy's term to every step's loss. A NaN
     or Inf loss stops the client: raises :class:`ClientTrainingError` with ``cfg.fail_fast``, else
     returns a failed result. Returns the trained adapter (detached) and the mean loss.
+
+    ``dp_sgd = (σ, C)``: sample-level DP-SGD (:mod:`fedlora.privacy.dpsgd`): Poisson batches of
+    expected size ``cfg.batch_size``, Opacus's per-example clipping to C and noise σ·C; the
+    regulariser's gradient is added after the noise; ``train.grad_clip`` is not applied (the
+    per-example clip replaces it).
     """
     loss_fn = loss_fn or task.loss
     params = shared.set_trainable(parts, train_extras)
@@ -109,28 +115,48 @@ def local_train(shared, task, data, indices: np.ndarray, *, cfg: TrainSection, l
     torch.manual_seed(seed)  # dropout masks: a function of (seed, round, client) only
     shared.model.train()
     live = shared.live()
-    total, done = 0.0, 0
-    for batch_idx in batch_order(indices, cfg.batch_size, steps, seed):
-        batch = task.collate(data, batch_idx, device)
-        with autocast or contextlib.nullcontext():
-            loss = loss_fn(shared.model, batch)
-        reg = regularizer(live)
-        if reg is not None:
-            loss = loss + reg
-        if not torch.isfinite(loss):
-            msg = f"client {client_id}: loss is {float(loss.detach())} at local step {done}"
-            if cfg.fail_fast:
-                raise ClientTrainingError(msg + " (train.fail_fast is set)")
-            return LocalResult(None, float("nan"), done, msg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        total += float(loss.detach())
-        done += 1
-    return LocalResult(shared.read(), total / max(done, 1), done)
+    total, done, counted = 0.0, 0, 0
+    private = None
+    if dp_sgd is not None:
+        from fedlora.privacy.dpsgd import PrivateTraining, poisson_batches
+
+        private = PrivateTraining(shared.model, opt, sigma=dp_sgd[0], clip=dp_sgd[1],
+                                  expected_batch_size=cfg.batch_size, seed=seed)
+        batches = poisson_batches(indices, cfg.batch_size, steps, seed)
+    else:
+        batches = batch_order(indices, cfg.batch_size, steps, seed)
+    with private or contextlib.nullcontext():
+        for batch_idx in batches:
+            if private is not None and len(batch_idx) == 0:  # an empty Poisson batch: a noise-only step
+                private.empty_batch()
+                private.step(regularizer(live))
+                sched.step()
+                done += 1
+                continue
+            batch = task.collate(data, batch_idx, device)
+            with autocast or contextlib.nullcontext():
+                loss = loss_fn(shared.model, batch)
+            reg = regularizer(live)
+            if not torch.isfinite(loss if reg is None else loss + reg):
+                bad = loss if reg is None else loss + reg
+                msg = f"client {client_id}: loss is {float(bad.detach())} at local step {done}"
+                if cfg.fail_fast:
+                    raise ClientTrainingError(msg + " (train.fail_fast is set)")
+                return LocalResult(None, float("nan"), done, msg)
+            if private is not None:
+                loss.backward()  # per-example gradients of the data term only
+                private.step(reg)
+            else:
+                opt.zero_grad(set_to_none=True)
+                (loss if reg is None else loss + reg).backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+            sched.step()
+            total += float(loss.detach()) + (float(reg.detach()) if reg is not None else 0.0)
+            done += 1
+            counted += 1
+    return LocalResult(shared.read(), total / max(counted, 1), done)
 
 
 def client_round(fed: Federation, state: GlobalState, personal: Adapter | None, ctx: ClientContext,
@@ -151,9 +177,16 @@ def client_round(fed: Federation, state: GlobalState, personal: Adapter | None, 
         train_extras=strategy.trains_extras(ctx.round),
         regularizer=lambda live: strategy.regularizer(live, reference, scaling),
         seed=client_seed(cfg.run.seed, ctx.round, ctx.client_id), device=fed.device,
-        autocast=fed.autocast(), loss_fn=loss_fn, client_id=ctx.client_id)
+        autocast=fed.autocast(), loss_fn=loss_fn, client_id=ctx.client_id,
+        dp_sgd=(fed.dp_sigma, cfg.privacy.clip) if cfg.privacy.mode == "sample" else None)
     if result.adapter is None:
         return result, None, personal, {}
     adapter, info = strategy.before_upload(result.adapter, start, ctx)
     info = dict(info, scaling=scaling)
-    return result, adapter, strategy.personal_state(adapter), info
+    personal_next = strategy.personal_state(adapter)
+    if cfg.privacy.mode == "client":  # DP-FedAvg: clip the update before it leaves the client
+        from fedlora.privacy.clipping import clip_update
+
+        adapter, norm = clip_update(adapter, start, strategy.upload_parts(ctx.round), cfg.privacy.clip)
+        info["update_norm"] = norm
+    return result, adapter, personal_next, info

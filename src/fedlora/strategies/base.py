@@ -154,6 +154,12 @@ class Strategy:
         server_optimizer: optional :class:`~fedlora.server_opt.ServerAdam` (FedOpt, Reddi et al.
             2021) applied to the averaged factors; only for strategies with
             ``factor_averaging = True``. Default None (plain averaging).
+
+    Differential privacy (:mod:`fedlora.privacy`): every strategy states, in its docstring, what is
+    clipped and where the noise goes. Client-level DP-FedAvg needs ``secure_aggregation``: the
+    server's aggregate must be a function of the sum of the uploads, so that the loop can hand it
+    one noised mean of the clipped updates instead of the individual uploads; strategies without it
+    refuse client-level DP. Sample-level DP-SGD works for every strategy (it is local training).
     """
 
     name: ClassVar[str] = ""

@@ -39,6 +39,12 @@ class FedEx(Strategy):
 
     Not secure-aggregation compatible: the residual needs Σ p_k B_k A_k, a sum of products of each
     client's own factors, which the sums Σ p_k B_k and Σ p_k A_k do not give.
+
+    Differential privacy: client level is refused: the server needs the mean of the products B_k·A_k as
+    well as of the factors, i.e. each client's upload, so noise on the sum does not cover what it
+    releases, and no sound mechanism (local noise on each upload, or noise on a dense aggregate with a
+    bounded sensitivity before re-factoring) is implemented yet. Sample level (DP-SGD) works: each
+    example's gradient is clipped and noised on the client, and the upload is post-processing.
     """
 
     name = "fedex"

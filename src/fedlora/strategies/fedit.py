@@ -15,6 +15,12 @@ class FedIT(Strategy):
 
     Parameters: ``weighting`` and ``server_optimizer`` as in :class:`Strategy`.
     Communication: r·(d_in + d_out) per layer each way. Secure-aggregation compatible.
+
+    Differential privacy: client level (DP-FedAvg) clips the client's update, its uploaded A, B and head
+    minus the global values it started from, to L2 norm C; the server adds N(0, σ²C²) to the sum and
+    divides by the fixed denominator. The average of the clipped factors is the aggregate, so one client
+    moves it by at most C/denominator. Sample level (DP-SGD) clips each example's gradient; the upload
+    is post-processing.
     """
 
     name = "fedit"

@@ -56,6 +56,13 @@ class FedRot(Strategy):
     whatever the factor dtype. The client's ``info`` reports the aligned factor ("A", "B" or
     "joint") and ‖R − I‖_F per layer; with the guard, also the layers it left unrotated
     (``guarded``).
+
+    Differential privacy: client level (DP-FedAvg) clips the client's update, its rotated upload (RᵀA,
+    BR and the head) minus the global values it started from, to L2 norm C; the server adds N(0, σ²C²)
+    to the sum and divides by the fixed denominator. The server averages the rotated factors, so the
+    noised average is the aggregate; the rotation is computed on the client from the global values,
+    which are public. Sample level (DP-SGD) clips each example's gradient; the upload is post-
+    processing.
     """
 
     name = "fedrot"

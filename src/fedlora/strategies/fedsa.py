@@ -40,6 +40,12 @@ class FedSA(Strategy):
     (the initial A and B), r·d_in afterwards. Shared extras travel both ways.
 
     Secure-aggregation compatible: the server needs only Σ p_k A_k (and Σ p_k extras_k).
+
+    Differential privacy: client level (DP-FedAvg) clips the client's update, its uploaded A (and the
+    head unless kept local) minus the global values it started from, to L2 norm C; the server adds N(0,
+    σ²C²) to the sum and divides by the fixed denominator. Ā is that noised average; each client's B
+    never leaves it, so it is not released. Sample level (DP-SGD) clips each example's gradient; the
+    upload is post-processing.
     """
 
     name = "fedsa"

@@ -35,6 +35,13 @@ class FedSVD(SVDRefactoring):
     Communication: r·d_out per layer up, r·(d_in + d_out) down. Secure-aggregation compatible: the
     server needs only Σ_k p_k s_k B_k (and the averaged extras), a weighted sum of the uploads; A_g
     is its own.
+
+    Differential privacy: client level (DP-FedAvg) clips the client's update, its uploaded B and head
+    minus the global values it started from, to L2 norm C; the server adds N(0, σ²C²) to the sum and
+    divides by the fixed denominator. The server's SVD of B̄A (A the public previous global) is post-
+    processing of the noised B̄, so it costs no privacy (FedSVD's point: an orthonormal A keeps B's
+    gradients bounded under DP-SGD). Sample level (DP-SGD) clips each example's gradient (of B and the
+    head); the upload is post-processing.
     """
 
     name = "fedsvd"

@@ -90,6 +90,13 @@ class FFA(Strategy):
     r·d_out afterwards (A is known). Extras travel both ways.
 
     Secure-aggregation compatible: the server needs only Σ p_k B_k and Σ p_k extras_k.
+
+    Differential privacy: client level (DP-FedAvg) clips the client's update, its uploaded B and head (A
+    never moves) minus the global values it started from, to L2 norm C; the server adds N(0, σ²C²) to
+    the sum and divides by the fixed denominator. B̄ is that noised average, so one client moves B̄A₀
+    only through B, by at most C/denominator (FFA-LoRA's point: no noise enters A, so none is multiplied
+    by A's noise). Sample level (DP-SGD) clips each example's gradient (of B and the head only); the
+    upload is post-processing.
     """
 
     name = "ffa"

@@ -40,6 +40,12 @@ class FlexLoRA(SVDRefactoring):
     aggregation compatible: the server needs the sum of products B_k A_k, not of the factors.
     Computation: O((d_in + d_out)·(Σ r_k)²) per layer for the factored SVD (the paper's dense SVD is
     O(d³)).
+
+    Differential privacy: client level is refused: the server re-factors the weighted sum of the dense
+    products of each client's upload, so noise on the sum does not cover what it releases, and no sound
+    mechanism (local noise on each upload, or noise on a dense aggregate with a bounded sensitivity
+    before re-factoring) is implemented yet. Sample level (DP-SGD) works: each example's gradient is
+    clipped and noised on the client, and the upload is post-processing.
     """
 
     name = "flexlora"

@@ -82,6 +82,12 @@ class FLoRA(Strategy):
 
     Not secure-aggregation compatible: the stacked factors are each client's own B_k and p_k·A_k,
     so the server (and every client that downloads them) sees every individual update.
+
+    Differential privacy: client level is refused: the server stacks each client's upload, so noise on
+    the sum does not cover what it releases, and no sound mechanism (local noise on each upload, or
+    noise on a dense aggregate with a bounded sensitivity before re-factoring) is implemented yet.
+    Sample level (DP-SGD) works: each example's gradient is clipped and noised on the client, and the
+    upload is post-processing.
     """
 
     name = "flora"

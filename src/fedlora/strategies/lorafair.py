@@ -109,6 +109,12 @@ class LoRAFAIR(Strategy):
 
     Communication: as FedIT, r·(d_in + d_out) per layer each way. Not secure-aggregation compatible
     (the server needs Σ p_k B_k A_k).
+
+    Differential privacy: client level is refused: the server fits its correction to the individual
+    products in each client's upload, so noise on the sum does not cover what it releases, and no sound
+    mechanism (local noise on each upload, or noise on a dense aggregate with a bounded sensitivity
+    before re-factoring) is implemented yet. Sample level (DP-SGD) works: each example's gradient is
+    clipped and noised on the client, and the upload is post-processing.
     """
 
     name = "lorafair"

@@ -35,6 +35,11 @@ class RoLoRA(Strategy):
     current pair; a client present every round needs only the factor aggregated last round).
 
     Secure-aggregation compatible: the server needs only Σ p_k of the shared factor (and extras).
+
+    Differential privacy: client level (DP-FedAvg) clips the client's update, the factor it uploads this
+    round (A or B) and the head minus the global values it started from, to L2 norm C; the server adds
+    N(0, σ²C²) to the sum and divides by the fixed denominator. The aggregate is that noised average.
+    Sample level (DP-SGD) clips each example's gradient; the upload is post-processing.
     """
 
     name = "rolora"

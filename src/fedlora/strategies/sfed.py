@@ -39,6 +39,11 @@ class SFed(FedSA):
 
     Communication and secure aggregation: as FedSA-LoRA (upload r·d_in per layer; the server needs
     only Σ p_k A_k, so SecAgg-compatible).
+
+    Differential privacy: client level (DP-FedAvg) clips the client's update, its uploaded A (as FedSA-
+    LoRA) minus the global values it started from, to L2 norm C; the server adds N(0, σ²C²) to the sum
+    and divides by the fixed denominator. γ only scales the local product; Ā is the noised average.
+    Sample level (DP-SGD) clips each example's gradient; the upload is post-processing.
     """
 
     name = "sfed"

@@ -26,6 +26,12 @@ class SVDRedistribution(SVDRefactoring):
         weighting: as in :class:`~fedlora.strategies.base.Strategy`.
 
     Communication: r·(d_in + d_out) per layer each way. Not secure-aggregation compatible.
+
+    Differential privacy: client level is refused: the server re-factors the dense products of each
+    client's upload, so noise on the sum does not cover what it releases, and no sound mechanism (local
+    noise on each upload, or noise on a dense aggregate with a bounded sensitivity before re-factoring)
+    is implemented yet. Sample level (DP-SGD) works: each example's gradient is clipped and noised on
+    the client, and the upload is post-processing.
     """
 
     name = "svd"

@@ -1,0 +1,97 @@
+"""What the round loop does for ``[privacy]``, in one place (:mod:`fedlora.privacy` has the
+mechanisms and the accounting): sample the round (Poisson under client-level DP), refuse a round
+that would pass ``max_epsilon``, release the noised mean under client-level DP, and keep the ε of
+every row and of the summary. Both engines run it, as both run the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedlora.runtime.federation import Federation, sample_clients
+from fedlora.runtime.training import client_seed, steps_for
+from fedlora.strategies import ClientUpdate, GlobalState
+
+
+@dataclass
+class RunPrivacy:
+    """A run's privacy state: the σ in use and the accountant, replayed from the rows on resume."""
+
+    fed: Federation
+    accountant: Any  # fedlora.privacy.accounting.Accountant
+
+    @classmethod
+    def open(cls, fed: Federation, rows: list[dict[str, Any]]) -> RunPrivacy | None:
+        """None without privacy; else the accountant after ``rows`` (the rounds already done)."""
+        if fed.cfg.privacy.mode == "none":
+            return None
+        from fedlora.privacy import make_accountant
+
+        me = cls(fed, make_accountant(fed.cfg, fed.dp_sigma, [len(t) for t in fed.client_train]))
+        for row in rows:
+            me.accountant.record(me.steps(row["clients"]))
+        return me
+
+    @property
+    def client_level(self) -> bool:
+        return self.fed.cfg.privacy.mode == "client"
+
+    def steps(self, clients: list[int]) -> dict[int, int]:
+        """Each client's local steps in a round it is sampled in (every sampled client is charged,
+        failed or not)."""
+        return {k: steps_for(len(self.fed.client_train[k]), self.fed.cfg.train) for k in clients}
+
+    def sample(self, t: int) -> list[int]:
+        cfg = self.fed.cfg
+        return sample_clients(cfg.run.seed, t, self.fed.num_clients, cfg.train, poisson=self.client_level)
+
+    def over_budget(self, sampled: list[int]) -> str | None:
+        """Why the next round may not run (it would take ε above ``max_epsilon``), or None."""
+        limit = self.fed.cfg.privacy.max_epsilon
+        if not limit:
+            return None
+        after = self.accountant.epsilon_after(self.steps(sampled))
+        if after <= limit:
+            return None
+        return (f"privacy budget: round {self.accountant.rounds + 1} would take epsilon from "
+                f"{self.accountant.epsilon():.4g} to {after:.4g}, above privacy.max_epsilon = {limit:g}")
+
+    def record(self, sampled: list[int]) -> dict[str, Any]:
+        """One round done; the ``privacy`` block of its metrics row."""
+        self.accountant.record(self.steps(sampled))
+        return self.accountant.block()
+
+    def noised_update(self, state: GlobalState, updates: list[ClientUpdate]) -> ClientUpdate:
+        """Client-level DP: the one update the strategy aggregates, the noised mean of the clipped
+        updates over the fixed denominator (the expected clients per round), noise keyed by (seed,
+        round) so that both engines release the same model."""
+        from fedlora.privacy.clipping import noised_mean
+        from fedlora.runtime.federation import clients_per_round
+
+        cfg, fed = self.fed.cfg, self.fed
+        parts = fed.strategy.upload_parts(state.round)
+        generator = torch.Generator().manual_seed(client_seed(cfg.run.seed, state.round, "server", "dp-noise"))
+        mean = noised_mean([u.adapter for u in updates], state.adapter, parts, clip=cfg.privacy.clip,
+                           sigma=fed.dp_sigma, denominator=clients_per_round(fed.num_clients, cfg.train),
+                           generator=generator)
+        scaling = updates[0].scaling if updates else state.scaling
+        return ClientUpdate("dp-mean", mean, 1, scaling, {})
+
+    def summary(self) -> dict[str, Any]:
+        from fedlora.privacy import summary_block
+
+        return summary_block(self.fed.cfg, self.accountant, num_clients=self.fed.num_clients)
+
+    def describe(self) -> str:
+        """The line a run prints when it starts."""
+        p = self.fed.cfg.privacy
+        sigma = self.fed.dp_sigma
+        how = f"calibrated to epsilon {p.target_epsilon:g} after {self.fed.cfg.train.rounds} rounds" \
+            if p.target_epsilon else "configured"
+        line = f"privacy: {p.mode}-level DP, noise multiplier {sigma:.4g} ({how}), clip {p.clip:g}, delta {p.delta:g}"
+        if sigma == 0:
+            line += "; [bold red]noise 0: no privacy (epsilon = inf)[/]"
+        return line
+
