@@ -164,3 +164,11 @@ def test_flower_sim_in_process_refuses_ray_options_and_runs_secagg(tiny, capsys)
     run_dir = capsys.readouterr().out.splitlines()[-1].removeprefix("run directory: ")
     (row,) = RunDir.open(run_dir).read_metrics()
     assert row["clients"] == [0, 1, 2] and row["diagnostics"] is None and not row["failed"]
+
+
+
+def test_secagg_plus_refuses_client_level_dp_for_now(tiny):
+    server = FlowerServer(cfg_for(tiny, "secagg-dp", privacy__mode='"client"', privacy__noise_multiplier="1"),
+                          FlowerOptions(secagg=True))
+    with pytest.raises(ConfigError, match="privacy.mode = 'client' with SecAgg\\+ is not implemented yet"):
+        server.run(InProcessGrid(make_client_app(), 3))

@@ -259,11 +259,46 @@ def test_poisson_client_sampling():
     ("privacy.noise_multiplier=-1", "privacy.noise_multiplier"),
     ("privacy.delta=1", r"privacy.delta = 1\.0: must be in \(0, 1\)"),
     ("privacy.clip=0", "privacy.clip"),
-    ("privacy.adaptive_clip=true", "adaptive clipping .* not implemented"),
+    ("privacy.clip_quantile=1", "privacy.clip_quantile"),
+    ("privacy.count_noise=-1", "privacy.count_noise"),
 ])
 def test_bad_privacy_settings_name_the_key(setting, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, ["privacy.mode=\"client\"", setting])
+
+
+# ---- adaptive clipping ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start, factor", [(1e3, math.exp(-0.2 * (1 - 0.5))), (1e-7, math.exp(0.2 * 0.5))])
+def test_adaptive_clip_follows_the_geometric_rule(tiny, start, factor):
+    """Every update within C (C huge): b̃ = 1 and C shrinks by exp(−η(1 − γ)) each round; none within
+    (C tiny): b̃ = 0 and C grows by exp(ηγ). The count noise is made negligible to see the rule."""
+    summary = run(tiny_cfg(tiny, f"adaptive-{start}", privacy__mode='"client"', privacy__adaptive_clip="true",
+                           privacy__clip=str(start), privacy__count_noise="1e-9", train__rounds="3"), **QUIET)
+    rows = [json.loads(line) for line in open(Path(summary["run_dir"]) / "metrics.jsonl")]
+    clip = start
+    for row in rows:
+        assert row["privacy"]["clip"] == pytest.approx(clip, rel=1e-9)
+        assert row["privacy"]["next_clip"] == pytest.approx(clip * factor, rel=1e-6)
+        clip = row["privacy"]["next_clip"]
+
+
+def test_adaptive_clip_keeps_the_total_noise_multiplier(tiny):
+    from fedlora.runtime.federation import prepare
+    from fedlora.runtime.privacy import RunPrivacy
+
+    fed = prepare(tiny_cfg(tiny, "adaptive-sigma", privacy__mode='"client"', privacy__adaptive_clip="true",
+                           privacy__noise_multiplier="1.5", privacy__count_noise="2"), log=lambda s: None)
+    dp = RunPrivacy.open(fed, [])
+    assert dp.update_sigma > 1.5
+    assert dp.update_sigma ** -2 + (2 * 2.0) ** -2 == pytest.approx(1.5 ** -2, rel=1e-12)
+    with pytest.raises(ConfigError, match="count noise σ_b = 0.5 must exceed σ/2 = 0.75"):
+        RunPrivacy.open(prepare(tiny_cfg(tiny, "adaptive-bad", privacy__mode='"client"', privacy__adaptive_clip="true",
+                                         privacy__noise_multiplier="1.5", privacy__count_noise="0.5"),
+                                log=lambda s: None), [])
+    with pytest.raises(ConfigError, match="needs privacy.mode = 'client'"):
+        tiny_cfg(tiny, "adaptive-sample", privacy__mode='"sample"', privacy__adaptive_clip="true")
 
 
 def test_settings_that_override_each_other_and_strategies_without_a_mechanism_are_refused():

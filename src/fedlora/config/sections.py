@@ -217,7 +217,13 @@ class PrivacySection:
         (0 = off; excludes noise_multiplier).
     delta: the δ of (ε, δ)-DP (default 1e-5).
     max_epsilon: stop the run cleanly before a round that would take ε above it (0 = no limit).
-    adaptive_clip: adaptive clipping (Andrew et al., NeurIPS 2021); not implemented yet.
+    adaptive_clip: client level only: adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy,
+        NeurIPS 2021): ``clip`` is the start, and after each round C ← C·exp(−clip_lr·(b̃ − clip_quantile)),
+        b̃ the noised fraction of clients whose update was within C (see :mod:`fedlora.privacy`).
+    clip_quantile: the target fraction γ of unclipped updates (default 0.5).
+    clip_lr: the geometric step η_C (default 0.2).
+    count_noise: σ_b, the std of the noise on the count of unclipped updates (default 0: expected
+        clients per round / 20, the paper's choice).
     """
 
     mode: str = "none"
@@ -227,6 +233,9 @@ class PrivacySection:
     delta: float = 1e-5
     max_epsilon: float = 0.0
     adaptive_clip: bool = False
+    clip_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_noise: float = 0.0
 
 
 @dataclass
@@ -305,6 +314,9 @@ class RunConfig:
             ("privacy.target_epsilon", self.privacy.target_epsilon >= 0, "must be ≥ 0 (0 = off)"),
             ("privacy.delta", 0 < self.privacy.delta < 1, "must be in (0, 1)"),
             ("privacy.max_epsilon", self.privacy.max_epsilon >= 0, "must be ≥ 0 (0 = no limit)"),
+            ("privacy.clip_quantile", 0 < self.privacy.clip_quantile < 1, "must be in (0, 1)"),
+            ("privacy.clip_lr", self.privacy.clip_lr > 0, "must be positive"),
+            ("privacy.count_noise", self.privacy.count_noise >= 0, "must be ≥ 0 (0 = clients per round / 20)"),
         ]
         for key, ok, why in checks:
             if not ok:

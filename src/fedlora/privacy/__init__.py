@@ -12,6 +12,13 @@ Two kinds (``[privacy] mode``):
   server needs only the sum of the uploads (``Strategy.secure_aggregation``); the others refuse it
   (:func:`check_privacy` says why). Under client-level DP clients are Poisson-sampled: each joins
   a round independently with probability q = clients per round / clients (q = 1: all, every round).
+  With ``adaptive_clip`` (Andrew, Thakkar, McMahan, Ramaswamy, NeurIPS 2021) the clip follows a
+  quantile of the update norms: the server also counts the clients whose update was within C,
+  adds N(0, σ_b²) to that count, and sets C ← C·exp(−η_C·(b̃ − γ)) with b̃ the noised fraction.
+  The count is a second Gaussian query (each b_k − ½ has sensitivity ½, so it is one with noise
+  multiplier 2σ_b); the update's noise is lowered to σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−½) so that the two
+  together are exactly one Gaussian mechanism of noise multiplier σ, and the accounting is
+  unchanged (the paper's Theorem 1). It needs 2σ_b > σ.
 - ``"sample"``: DP-SGD (Abadi et al., CCS 2016) inside every client's local training, through
   Opacus (:mod:`fedlora.privacy.dpsgd`): per-example gradients clipped to C, N(0, σ²C²) added to
   their sum, batches Poisson-sampled at rate q_k = batch size / client k's examples. What a client
@@ -53,9 +60,9 @@ def check_privacy(cfg: RunConfig, strategy: Strategy) -> None:
     if p.noise_multiplier > 0 and p.target_epsilon > 0:
         raise ConfigError(f"privacy.noise_multiplier = {p.noise_multiplier} and privacy.target_epsilon = "
                           f"{p.target_epsilon} are both set, and target_epsilon would override the noise; set one")
-    if p.adaptive_clip:
-        raise ConfigError("privacy.adaptive_clip = true: adaptive clipping (Andrew et al., NeurIPS 2021) is not "
-                          "implemented yet; use a fixed privacy.clip")
+    if p.adaptive_clip and p.mode != "client":
+        raise ConfigError("privacy.adaptive_clip = true: adaptive clipping adapts the clip of client updates; "
+                          "it needs privacy.mode = 'client'")
     if p.max_epsilon and p.target_epsilon > p.max_epsilon:
         raise ConfigError(f"privacy.target_epsilon = {p.target_epsilon} is above privacy.max_epsilon = "
                           f"{p.max_epsilon}: the run would stop before its last round")

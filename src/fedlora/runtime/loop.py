@@ -135,7 +135,7 @@ def run(cfg: RunConfig, transport: Transport, *, resume: str | Path | None = Non
                 display.status("aggregating")
                 state, diag, comm = aggregate_round(fed, state, replies, dp)
                 evaluation, t_eval = evaluate_if_due(fed, transport, state, t, display.status)
-                privacy = {"privacy": dp.record(sampled)} if dp else {}
+                privacy = {"privacy": dp.record(sampled, state)} if dp else {}
                 row = metrics_row(t, sampled, replies.failed, replies.losses, evaluation, diag, comm, t0=t0,
                                   train_s=t_train, eval_s=t_eval, **replies.row, **privacy)
                 with signals_deferred():  # a signal here lands after the row, the checkpoint and `complete` agree
@@ -188,6 +188,8 @@ def aggregate_round(fed: Federation, state: GlobalState, replies: RoundReplies,
     if dp is not None and dp.client_level:
         secure = dp.noised_update(state, replies.updates)
     new = strategy.aggregate([secure] if secure is not None else replies.updates, state)
+    if dp is not None and dp.client_level:
+        dp.next_clip(state, new, replies.updates)
     if new.base_delta:
         fed.shared.merge_base(new.base_delta)
     diag = None if secure is not None else round_diagnostics(

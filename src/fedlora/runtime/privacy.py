@@ -5,6 +5,7 @@ every row and of the summary. Both engines run it, as both run the loop."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ class RunPrivacy:
 
     fed: Federation
     accountant: Any  # fedlora.privacy.accounting.Accountant
+    round_clip: float = 0.0  # the clip of the round being aggregated
 
     @classmethod
     def open(cls, fed: Federation, rows: list[dict[str, Any]]) -> RunPrivacy | None:
@@ -30,6 +32,12 @@ class RunPrivacy:
         from fedlora.privacy import make_accountant
 
         me = cls(fed, make_accountant(fed.cfg, fed.dp_sigma, [len(t) for t in fed.client_train]))
+        if fed.cfg.privacy.adaptive_clip and 0 < fed.dp_sigma and 2 * me.count_sigma <= fed.dp_sigma:
+            from fedlora.errors import ConfigError
+
+            raise ConfigError(f"privacy.adaptive_clip: the count noise σ_b = {me.count_sigma:.4g} must exceed σ/2 = "
+                              f"{fed.dp_sigma / 2:.4g}, or no noise would be left for the update; raise "
+                              "privacy.count_noise (or use more clients per round)")
         for row in rows:
             me.accountant.record(me.steps(row["clients"]))
         return me
@@ -58,26 +66,60 @@ class RunPrivacy:
         return (f"privacy budget: round {self.accountant.rounds + 1} would take epsilon from "
                 f"{self.accountant.epsilon():.4g} to {after:.4g}, above privacy.max_epsilon = {limit:g}")
 
-    def record(self, sampled: list[int]) -> dict[str, Any]:
-        """One round done; the ``privacy`` block of its metrics row."""
+    def record(self, sampled: list[int], state: GlobalState) -> dict[str, Any]:
+        """One round done; the ``privacy`` block of its metrics row (with adaptive clipping, the clip
+        the round used and the one the next will use)."""
         self.accountant.record(self.steps(sampled))
-        return self.accountant.block()
+        block = self.accountant.block()
+        if self.fed.cfg.privacy.adaptive_clip:
+            block.update(clip=self.round_clip, next_clip=current_clip(self.fed.cfg, state))
+        return block
 
     def noised_update(self, state: GlobalState, updates: list[ClientUpdate]) -> ClientUpdate:
         """Client-level DP: the one update the strategy aggregates, the noised mean of the clipped
         updates over the fixed denominator (the expected clients per round), noise keyed by (seed,
         round) so that both engines release the same model."""
         from fedlora.privacy.clipping import noised_mean
-        from fedlora.runtime.federation import clients_per_round
 
         cfg, fed = self.fed.cfg, self.fed
+        self.round_clip = current_clip(cfg, state)
         parts = fed.strategy.upload_parts(state.round)
         generator = torch.Generator().manual_seed(client_seed(cfg.run.seed, state.round, "server", "dp-noise"))
-        mean = noised_mean([u.adapter for u in updates], state.adapter, parts, clip=cfg.privacy.clip,
-                           sigma=fed.dp_sigma, denominator=clients_per_round(fed.num_clients, cfg.train),
-                           generator=generator)
+        mean = noised_mean([u.adapter for u in updates], state.adapter, parts, clip=self.round_clip,
+                           sigma=self.update_sigma, denominator=self.denominator, generator=generator)
         scaling = updates[0].scaling if updates else state.scaling
         return ClientUpdate("dp-mean", mean, 1, scaling, {})
+
+    @property
+    def denominator(self) -> float:
+        from fedlora.runtime.federation import clients_per_round
+
+        return float(clients_per_round(self.fed.num_clients, self.fed.cfg.train))
+
+    @property
+    def count_sigma(self) -> float:
+        """σ_b of adaptive clipping (the paper's default: expected clients per round / 20)."""
+        return self.fed.cfg.privacy.count_noise or self.denominator / 20
+
+    @property
+    def update_sigma(self) -> float:
+        """The noise multiplier of the update: σ, or with adaptive clipping σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−½)."""
+        sigma = self.fed.dp_sigma
+        if not self.fed.cfg.privacy.adaptive_clip or sigma == 0:
+            return sigma
+        return (sigma ** -2 - (2 * self.count_sigma) ** -2) ** -0.5
+
+    def next_clip(self, state: GlobalState, new: GlobalState, updates: list[ClientUpdate]) -> None:
+        """Adaptive clipping: ``new.info["dp_clip"]`` = C·exp(−η_C·(b̃ − γ)), b̃ the noised fraction of
+        this round's clients whose update norm was within C (noise keyed by seed and round)."""
+        p = self.fed.cfg.privacy
+        if not p.adaptive_clip:
+            return
+        clip = current_clip(self.fed.cfg, state)
+        within = sum(1.0 for u in updates if float(u.info.get("update_norm", math.inf)) <= clip)
+        g = torch.Generator().manual_seed(client_seed(self.fed.cfg.run.seed, state.round, "server", "dp-count"))
+        noised = (within + float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_sigma) / self.denominator
+        new.info = dict(new.info, dp_clip=clip * math.exp(-p.clip_lr * (noised - p.clip_quantile)))
 
     def summary(self) -> dict[str, Any]:
         from fedlora.privacy import summary_block
@@ -93,5 +135,13 @@ class RunPrivacy:
         line = f"privacy: {p.mode}-level DP, noise multiplier {sigma:.4g} ({how}), clip {p.clip:g}, delta {p.delta:g}"
         if sigma == 0:
             line += "; [bold red]noise 0: no privacy (epsilon = inf)[/]"
+        if p.adaptive_clip:
+            line += (f"; adaptive clip (quantile {p.clip_quantile:g}, lr {p.clip_lr:g}, count noise "
+                     f"{self.count_sigma:.3g}; update noise {self.update_sigma:.4g})")
         return line
+
+
+def current_clip(cfg, state: GlobalState) -> float:
+    """The clip of this round: ``privacy.clip``, or with adaptive clipping the one the last round set."""
+    return float(state.info.get("dp_clip", cfg.privacy.clip)) if cfg.privacy.adaptive_clip else cfg.privacy.clip
 

@@ -186,7 +186,8 @@ def client_round(fed: Federation, state: GlobalState, personal: Adapter | None, 
     personal_next = strategy.personal_state(adapter)
     if cfg.privacy.mode == "client":  # DP-FedAvg: clip the update before it leaves the client
         from fedlora.privacy.clipping import clip_update
+        from fedlora.runtime.privacy import current_clip
 
-        adapter, norm = clip_update(adapter, start, strategy.upload_parts(ctx.round), cfg.privacy.clip)
+        adapter, norm = clip_update(adapter, start, strategy.upload_parts(ctx.round), current_clip(cfg, state))
         info["update_norm"] = norm
     return result, adapter, personal_next, info
