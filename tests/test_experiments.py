@@ -415,3 +415,19 @@ def test_report_names_unreadable_metrics(grid, tmp_path):
     assert set(rows) == {"fedit"} and rows["fedit"][0] == "11"  # fedrot has no readable run left
     with pytest.raises(ConfigError, match="metrics.jsonl:1: not a metrics row"):
         plot_runs([bad.parent], tmp_path / "p.png")
+
+
+def test_report_of_a_private_grid_has_epsilon_and_sigma_columns(tiny, tmp_path):
+    pytest.importorskip("dp_accounting")
+    out = tmp_path / "dp"
+    assert compare(tiny, out, "--set", "privacy.mode=client", "--grid", "privacy.noise_multiplier=0.8,1.6",
+                   "--seeds", "11", strategies="fedit") == 0
+    assert main(["report", str(out)]) == 0
+    sections = report_sections(out / "summary.md")
+    for setting, sigma in (("noise-multiplier-0.8", 0.8), ("noise-multiplier-1.6", 1.6)):
+        header = next(x for x in sections[setting].splitlines() if x.startswith("| strategy"))
+        cols = [c.strip() for c in header.strip("|").split("|")]
+        row = table_rows(sections[setting])["fedit"]
+        eps = json.loads(next((out / setting).rglob("summary.json")).read_text())["privacy"]["epsilon"]
+        assert row[cols.index("ε (DP)") - 1] == f"{eps:.3f} ± {0:.3f}"
+        assert row[cols.index("noise σ (DP)") - 1] == f"{sigma:.3f} ± {0:.3f}"

@@ -18,6 +18,7 @@ TABLE_COLUMNS = [("best", "best {m} (max over rounds)", ".4f", False), ("final",
                  ("overlap", "mean basis overlap", ".4f", True), ("rotation", "mean ‖R − I‖_F", ".3f", True),
                  ("personal_best", "best personalised {m} (w)", ".4f", True),
                  ("personal_final", "final personalised {m} (w)", ".4f", True),
+                 ("epsilon", "ε (DP)", ".3f", True), ("sigma", "noise σ (DP)", ".3f", True),
                  ("bytes_per_round", "MB / round (up+down)", ".3f", False), ("wall_s", "wall s", ".0f", False)]
 
 

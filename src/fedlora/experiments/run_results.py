@@ -104,7 +104,7 @@ def run_stats(run_dir: str | Path) -> dict[str, Any]:
     """One run's numbers for the grid table: best (the engine's best over rounds: max for accuracy),
     final and mean-of-last-5 global metric, mean relative aggregation error, mean basis overlap, mean
     FedRot rotation size, best and final personalised metric (weighted; None without a personalised
-    evaluation), bytes (up + down) per round, wall time; and the per-round series behind them.
+    evaluation), ε and σ of a private run (None otherwise), bytes (up + down) per round, wall time; and the per-round series behind them.
     ConfigError when its summary or metrics cannot be read."""
     return _stats(*_read_run(run_dir))
 
@@ -131,6 +131,8 @@ def _stats(s: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "rotation": _mean([v for _, v in series["rotation_size"]]),
         "personal_best": s.get(f"best_personal_{m}_weighted"),
         "personal_final": s.get(f"final_personal_{m}_weighted"),
+        "epsilon": (s.get("privacy") or {}).get("epsilon"),  # None: no privacy, or σ = 0 (ε = ∞)
+        "sigma": (s.get("privacy") or {}).get("noise_multiplier"),
         "bytes_per_round": (s.get("bytes_up", 0) + s.get("bytes_down", 0)) / rounds if rounds else None,
         "wall_s": s.get("wall_s"),
         "series": series,
