@@ -167,8 +167,48 @@ def test_flower_sim_in_process_refuses_ray_options_and_runs_secagg(tiny, capsys)
 
 
 
-def test_secagg_plus_refuses_client_level_dp_for_now(tiny):
-    server = FlowerServer(cfg_for(tiny, "secagg-dp", privacy__mode='"client"', privacy__noise_multiplier="1"),
+
+def secagg_error_and_bound(tiny, name, **extra):
+    """(largest |SecAgg+ − embedded| over the global adapter after one round, the closed-form bound of
+    the test above), for the same config on both."""
+    cfg = cfg_for(tiny, f"secagg-{name}", train__rounds=1, **extra)
+    server = FlowerServer(cfg, FlowerOptions(secagg=True, round_timeout=60, node_wait=1), log=lambda s: None)
+    server.run(InProcessGrid(make_client_app(secagg=True), 3))
+    want, _ = engine_run(cfg_for(tiny, f"plain-{name}", train__rounds=1, **extra))
+    got, ref = server.state.adapter.tensors(), want.adapter.tensors()
+    err = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+    bound = 3 * 1.25 * (2 * 8.0 / 4194304) + 3 * max(float(t.abs().max()) for t in ref.values()) / 4194304
+    return err, bound, server, want
+
+
+@pytest.mark.slow
+def test_secagg_plus_with_uniform_weights_keeps_the_quantisation_bound(tiny):
+    """With weights of 1 SecAgg+'s max_weight must be the number of clients, not their samples: a
+    max_weight of Σ n_k scales every payload by 1/Σ n_k before quantising and the error grew ~70×
+    (2.5e-4 on this model) before the fix."""
+    err, bound, _, _ = secagg_error_and_bound(tiny, "uniform", strategy__name='"fedsa"',
+                                              strategy__options='{weighting = "uniform"}')
+    assert err < bound
+
+
+@pytest.mark.slow
+def test_secagg_plus_with_client_level_dp_releases_the_embedded_noised_model(tiny):
+    """Client-level DP over SecAgg+: clients clip and weigh 1, SecAgg+ reveals the mean of the clipped
+    uploads, the server adds the seeded noise to their sum. Equal to the embedded engine's DP run
+    (same seed, same noise) within the quantisation bound (the noise and the fixed denominator N = K
+    leave the mean's error as it is)."""
+    pytest.importorskip("dp_accounting")
+    from fedlora.privacy.accounting import epsilon, sampled_gaussian
+
+    extra = dict(strategy__name='"fedsa"', privacy__mode='"client"', privacy__clip="0.05",
+                 privacy__noise_multiplier="0.7")
+    err, bound, server, want = secagg_error_and_bound(tiny, "dp", **extra)
+    assert err < bound
+    quiet, _ = engine_run(cfg_for(tiny, "plain-dp-quiet", train__rounds=1, **dict(extra, privacy__noise_multiplier="0")))
+    ref, q = want.adapter.tensors(), quiet.adapter.tensors()
+    assert max(float((ref[k] - q[k]).abs().max()) for k in ref) > 100 * bound  # the noise is there
+    assert server.rows[0]["privacy"]["epsilon"] == pytest.approx(epsilon(sampled_gaussian(1.0, 0.7, 1), 1e-5))
+    server = FlowerServer(cfg_for(tiny, "secagg-adaptive", **dict(extra, privacy__adaptive_clip="true")),
                           FlowerOptions(secagg=True))
-    with pytest.raises(ConfigError, match="privacy.mode = 'client' with SecAgg\\+ is not implemented yet"):
-        server.run(InProcessGrid(make_client_app(), 3))
+    with pytest.raises(ConfigError, match="adaptive_clip with SecAgg"):
+        server.run(InProcessGrid(make_client_app(secagg=True), 3))

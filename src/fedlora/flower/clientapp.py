@@ -41,6 +41,7 @@ from fedlora.flower import records as rec
 from fedlora.flower.nodestore import load_personal, save_personal, store_path
 from fedlora.runtime.evaluation import evaluate_client
 from fedlora.runtime.federation import client_context, prepare
+from fedlora.runtime.privacy import upload_weighting
 from fedlora.runtime.training import ClientTrainingError, LocalResult, client_round
 from fedlora.strategies import GlobalState
 
@@ -197,7 +198,7 @@ def train_round(content: RecordDict, context: Context, faults: Mapping[int, str]
     metrics = {"num-examples": ctx.num_samples, "partition-id": k, "rank": ctx.rank or 0,
                "steps": result.steps, "base-version": base_version, "failed": int(adapter is None)}
     out = {"payload": None, "metrics": metrics, "info": {"error": result.error or "failed"},
-           "weighting": fed.strategy.weighting}
+           "weighting": upload_weighting(fed.cfg, fed.strategy)}
     if adapter is None:
         return out
     if mine is not None:

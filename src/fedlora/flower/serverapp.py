@@ -29,6 +29,7 @@ from fedlora.config import RunConfig, from_dict, load_config, to_toml
 from fedlora.errors import AggregationInputError, ConfigError, RoundFailedError
 from fedlora.flower import records as rec
 from fedlora.runtime.federation import Federation, client_context
+from fedlora.runtime.privacy import upload_weighting
 from fedlora.runtime.signals import raise_if_stopped
 from fedlora.runtime.training import ClientTrainingError
 from fedlora.runtime.transport import RoundReplies
@@ -57,10 +58,9 @@ def check_secagg(cfg: RunConfig, options: FlowerOptions) -> None:
     """Refuse SecAgg+ for a strategy whose server needs more than the weighted sum of uploads."""
     if not options.secagg:
         return
-    if cfg.privacy.mode == "client":
-        raise ConfigError("privacy.mode = 'client' with SecAgg+ is not implemented yet (the server would add the "
-                          "noise to the sum SecAgg+ reveals, with unweighted client sums); run client-level DP "
-                          "without --secagg, or use privacy.mode = 'sample'")
+    if cfg.privacy.mode == "client" and cfg.privacy.adaptive_clip:
+        raise ConfigError("privacy.adaptive_clip with SecAgg+ is not implemented: the count of unclipped updates "
+                          "would need a secure sum of its own; use a fixed privacy.clip with --secagg")
     from fedlora.runtime.federation import build_strategy
 
     strategy = build_strategy(cfg)
@@ -281,7 +281,8 @@ class FlowerTransport:
         node_to_pid = {n: k for k, n in self.pid_to_node.items()}
         run_id = grid.run.run_id if getattr(grid, "run", None) is not None else 0
         bridge = secagg_round(grid, run_id, state.round, {m.metadata.dst_node_id: m.content for m in msgs},
-                              max_weight=float(sum(len(self.fed.client_train[k]) for k in sampled)),
+                              max_weight=float(sum(len(self.fed.client_train[k]) for k in sampled)
+                                               if upload_weighting(self.fed.cfg, strategy) == "samples" else len(sampled)),
                               timeout=self.options.round_timeout)
         reported = {node_to_pid[n]: (w, m) for n, w, m in bridge.metrics}
         failed = [{"client": k, "error": "dropped out of SecAgg+ (error or no reply)"}

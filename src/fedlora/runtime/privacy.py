@@ -145,3 +145,12 @@ def current_clip(cfg, state: GlobalState) -> float:
     """The clip of this round: ``privacy.clip``, or with adaptive clipping the one the last round set."""
     return float(state.info.get("dp_clip", cfg.privacy.clip)) if cfg.privacy.adaptive_clip else cfg.privacy.clip
 
+
+def upload_weighting(cfg, strategy) -> str:
+    """How a client weighs its SecAgg+ payload: by sample count (``"samples"``) or 1 (``"uniform"``:
+    the strategy's weighting, or client-level DP, where every client weighs the same and the server
+    turns the revealed mean into the noised sum). The server's ``max_weight`` must be the total of
+    these weights: SecAgg+ scales each payload by weight / max_weight before quantising, so a total
+    far above the real one (the sample count with weights of 1) loses the payload to the
+    quantisation step."""
+    return "uniform" if cfg.privacy.mode == "client" else strategy.weighting
