@@ -122,9 +122,10 @@ def apply_to_config(cfg: RunConfig, given: set[str]) -> RunConfig:
     return cfg
 
 
-def check_task_type(path: str | Path, task_type: str) -> None:
-    """The adapter's PEFT task type must be the task's (a SEQ_CLS head is not a causal LM's)."""
-    theirs = read_adapter_config(path).get("task_type")
+def check_task_type(path: str | Path, adapter_config: dict[str, Any], task_type: str) -> None:
+    """The adapter's PEFT task type (from its ``adapter_config``) must be the task's (a SEQ_CLS head
+    is not a causal LM's)."""
+    theirs = adapter_config.get("task_type")
     if theirs and theirs != task_type:
         raise ConfigError(f"{KEY} = {str(path)!r}: its task_type is {theirs!r}, but data.task needs {task_type!r}")
 

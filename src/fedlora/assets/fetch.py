@@ -32,7 +32,7 @@ from pathlib import Path
 
 from fedlora.assets.catalog import MODEL, CatalogEntry, WheelPin
 from fedlora.errors import FedLoRAError
-from fedlora.files import atomic_json
+from fedlora.files import atomic_json, current_umask
 
 MANIFEST = ".fedlora-manifest.json"
 _CHUNK = 1 << 20
@@ -245,12 +245,6 @@ def write_manifest(entry: CatalogEntry, folder: Path) -> dict:
     return manifest
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def verify_entry(entry: CatalogEntry, full: bool = False) -> str | None:
     """None if the cached entry is complete and current; otherwise why not.
 
@@ -309,7 +303,7 @@ def _record_mtimes(folder: Path, manifest: dict, touched: dict[str, int]) -> Non
 def _open_permissions(folder: Path) -> None:
     """mkdtemp (and some writers) create owner-only files; give the finished entry the modes the
     user's umask gives ordinary files, so a shared cache stays readable by its group."""
-    umask = _umask()
+    umask = current_umask()
     for p in [folder, *folder.rglob("*")]:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from fedlora.config import RunConfig, load_config
 from fedlora.errors import ConfigError
+from fedlora.files import current_umask
 from fedlora.runtime.rundir import RunDir
 
 Log = Callable[[str], None]
@@ -76,19 +77,13 @@ def new_folder(out: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         if out.is_dir():
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def base_model_id(run: ExportedRun) -> str:

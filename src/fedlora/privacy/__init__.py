@@ -78,6 +78,15 @@ def check_privacy(cfg: RunConfig, strategy: Strategy) -> None:
                           "pip install 'fedlora[dp]'")
 
 
+def sampling_rates(cfg: RunConfig, client_sizes: list[int]) -> tuple[float, list[float]]:
+    """(q, [q_k]): the client sampling rate (clients per round / clients) and each client's batch
+    sampling rate (batch size / its examples, at most 1)."""
+    from fedlora.runtime.federation import clients_per_round
+
+    n = len(client_sizes)
+    return clients_per_round(n, cfg.train) / n, [min(1.0, cfg.train.batch_size / size) for size in client_sizes]
+
+
 def noise_multiplier(cfg: RunConfig, client_sizes: list[int]) -> float:
     """σ for this run: ``privacy.noise_multiplier``, or the σ calibrated to ``privacy.target_epsilon``
     after ``train.rounds`` rounds (:func:`fedlora.privacy.accounting.calibrate_sigma`). Deterministic
@@ -86,13 +95,10 @@ def noise_multiplier(cfg: RunConfig, client_sizes: list[int]) -> float:
     if p.target_epsilon <= 0:
         return p.noise_multiplier
     from fedlora.privacy.accounting import calibrate_sigma
-    from fedlora.runtime.federation import clients_per_round
     from fedlora.runtime.training import steps_for
 
-    n = len(client_sizes)
-    return calibrate_sigma(p.mode, p.target_epsilon, p.delta, rounds=cfg.train.rounds,
-                           q=clients_per_round(n, cfg.train) / n,
-                           client_q=[min(1.0, cfg.train.batch_size / size) for size in client_sizes],
+    q, client_q = sampling_rates(cfg, client_sizes)
+    return calibrate_sigma(p.mode, p.target_epsilon, p.delta, rounds=cfg.train.rounds, q=q, client_q=client_q,
                            client_steps=[steps_for(size, cfg.train) for size in client_sizes])
 
 
@@ -101,22 +107,18 @@ def make_accountant(cfg: RunConfig, sigma: float, client_sizes: list[int]):
     if cfg.privacy.mode == "none":
         return None
     from fedlora.privacy.accounting import Accountant
-    from fedlora.runtime.federation import clients_per_round
 
-    n = len(client_sizes)
-    return Accountant(cfg.privacy.mode, sigma, cfg.privacy.delta, q=clients_per_round(n, cfg.train) / n,
-                      client_q=[min(1.0, cfg.train.batch_size / size) for size in client_sizes])
+    q, client_q = sampling_rates(cfg, client_sizes)
+    return Accountant(cfg.privacy.mode, sigma, cfg.privacy.delta, q=q, client_q=client_q)
 
 
 def summary_block(cfg: RunConfig, accountant, *, num_clients: int) -> dict:
     """``summary.json``'s ``privacy`` block: ε, δ, σ, C and the sampling assumption."""
-    from fedlora.runtime.federation import clients_per_round
-
     p = cfg.privacy
     block = dict(accountant.block(), mode=p.mode, noise_multiplier=accountant.sigma, clip=p.clip,
                  calibrated_to=p.target_epsilon or None, accountant="RDP (dp-accounting), add-or-remove-one")
     if p.mode == "client":
-        q = clients_per_round(num_clients, cfg.train) / num_clients
+        q = accountant.q
         block["sampling"] = ("every client every round (q = 1)" if q >= 1 else
                              f"Poisson client sampling, q = {q:g}; fixed denominator {q * num_clients:g}")
     else:

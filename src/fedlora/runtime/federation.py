@@ -238,8 +238,9 @@ def start_state(fed: Federation, log: Callable[[str], None] = print):
     from fedlora import peft_adapter
 
     path = cfg.lora.init_adapter
-    peft_adapter.check_task_type(path, fed.task.peft_task_type)
+    adapter_config = peft_adapter.read_adapter_config(path)
+    peft_adapter.check_task_type(path, adapter_config, fed.task.peft_task_type)
     start = peft_adapter.start_adapter(path, fresh, log)
-    scaling = peft_adapter.adapter_scaling(peft_adapter.read_adapter_config(path))
-    return fed.strategy.init_state(start, alpha=cfg.lora.alpha, seed=cfg.run.seed, start_scaling=scaling)
+    return fed.strategy.init_state(start, alpha=cfg.lora.alpha, seed=cfg.run.seed,
+                                   start_scaling=peft_adapter.adapter_scaling(adapter_config))
 

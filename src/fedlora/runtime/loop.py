@@ -176,13 +176,13 @@ def aggregate_round(fed: Federation, state: GlobalState, replies: RoundReplies,
                     dp: RunPrivacy | None = None) -> tuple[GlobalState, Any, dict]:
     """Aggregate a round's updates, merge any base-weight change into the shared model, and measure it.
 
-    Under client-level DP the strategy aggregates one update, the noised mean of the clipped uploads
-    (:meth:`RunPrivacy.noised_update`), and the per-client diagnostics are skipped (they would
-    publish what the noise hides). Under SecAgg+ too: clients then weigh 1, so its replies are the
-    plain mean of the clipped uploads, once per client that took part; their sum is the sum of the
-    clipped updates up to SecAgg+'s quantisation, and the server adds the noise to that. Returns (new state, diagnostics or None, communication bytes).
-    Under secure aggregation the one update the server holds is aggregated instead, and the
-    diagnostics, which need individual uploads, are skipped."""
+    Returns (new state, diagnostics or None, communication bytes). Under secure aggregation the one
+    update the server holds is aggregated instead, and the diagnostics, which need individual
+    uploads, are skipped. Under client-level DP the strategy likewise aggregates one update, the
+    noised mean of the clipped uploads (:meth:`RunPrivacy.noised_update`), and the diagnostics are
+    skipped (they would publish what the noise hides); with SecAgg+ too, where clients weigh 1, so
+    its replies are the plain mean of the clipped uploads once per client that took part, and their
+    sum is the sum of the clipped updates up to SecAgg+'s quantisation."""
     from fedlora.diagnostics import communication_bytes, keeps_personal_state, round_diagnostics
 
     strategy = fed.strategy

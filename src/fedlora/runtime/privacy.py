@@ -115,7 +115,7 @@ class RunPrivacy:
         p = self.fed.cfg.privacy
         if not p.adaptive_clip:
             return
-        clip = current_clip(self.fed.cfg, state)
+        clip = self.round_clip  # set by noised_update for this round
         within = sum(1.0 for u in updates if float(u.info.get("update_norm", math.inf)) <= clip)
         g = torch.Generator().manual_seed(client_seed(self.fed.cfg.run.seed, state.round, "server", "dp-count"))
         noised = (within + float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_sigma) / self.denominator

@@ -137,9 +137,9 @@ def local_train(shared, task, data, indices: np.ndarray, *, cfg: TrainSection, l
             with autocast or contextlib.nullcontext():
                 loss = loss_fn(shared.model, batch)
             reg = regularizer(live)
-            if not torch.isfinite(loss if reg is None else loss + reg):
-                bad = loss if reg is None else loss + reg
-                msg = f"client {client_id}: loss is {float(bad.detach())} at local step {done}"
+            full = loss if reg is None else loss + reg
+            if not torch.isfinite(full):
+                msg = f"client {client_id}: loss is {float(full.detach())} at local step {done}"
                 if cfg.fail_fast:
                     raise ClientTrainingError(msg + " (train.fail_fast is set)")
                 return LocalResult(None, float("nan"), done, msg)
@@ -148,12 +148,12 @@ def local_train(shared, task, data, indices: np.ndarray, *, cfg: TrainSection, l
                 private.step(reg)
             else:
                 opt.zero_grad(set_to_none=True)
-                (loss if reg is None else loss + reg).backward()
+                full.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
             sched.step()
-            total += float(loss.detach()) + (float(reg.detach()) if reg is not None else 0.0)
+            total += float(full.detach())
             done += 1
             counted += 1
     return LocalResult(shared.read(), total / max(counted, 1), done)
