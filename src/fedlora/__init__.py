@@ -12,7 +12,19 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from fedlora.errors import AggregationInputError, ConfigError, FedLoRAError
-from fedlora.factors import Adapter, LoRAPair, LowRank
+
+_FACTORS = ("Adapter", "LoRAPair", "LowRank")
+
+
+def __getattr__(name: str):
+    """``fedlora.Adapter`` etc. load torch on first use, so ``import fedlora.errors`` (and the light
+    Flower ClientApp that forwards to a resident node, ``fedlora.flower.forwarder``) does not."""
+    if name in _FACTORS:
+        from fedlora import factors
+
+        return getattr(factors, name)
+    raise AttributeError(f"module 'fedlora' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

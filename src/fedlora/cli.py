@@ -37,12 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        return int((args.func(args, rest) if getattr(args, "passthrough", False) else args.func(args)) or 0)
     except FedLoRAError as e:
         print(f"fedlora: error: {e}", file=sys.stderr)
         return 2

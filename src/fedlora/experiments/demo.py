@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from fedlora.factors import Adapter, LoRAPair
+# torch is imported inside the functions: `fedlora --help` builds every command's parser and must
+# not load torch to do it
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _targets(args, g):
     """Per layer: the shared part T and each client's T_k (rank-2 heterogeneity on top)."""
+    import torch
+
     shared = {f"layer{i}": torch.randn(args.dim, 3, generator=g) @ torch.randn(3, args.dim, generator=g) * 0.1
               for i in range(args.layers)}
     return shared, [
@@ -46,6 +47,10 @@ class Diverged(RuntimeError):
 
 def _local_train(strategy, start, personal_ref, target, base, scaling, rnd, steps=15, lr=0.5):
     """SGD on the relative error to the client's target, over the strategy's trainable factors."""
+    import torch
+
+    from fedlora.factors import Adapter, LoRAPair
+
     trainable = strategy.trainable(rnd)
     params = {n: LoRAPair(p.A.clone().requires_grad_("A" in trainable), p.B.clone().requires_grad_("B" in trainable))
               for n, p in start.layers.items()}
@@ -67,7 +72,10 @@ def _local_train(strategy, start, personal_ref, target, base, scaling, rnd, step
 
 
 def simulate(name: str, args) -> dict:
+    import torch
+
     from fedlora.diagnostics import round_diagnostics
+    from fedlora.factors import Adapter, LoRAPair
     from fedlora.strategies import ClientContext, ClientUpdate, get_strategy
 
     g = torch.Generator().manual_seed(args.seed)

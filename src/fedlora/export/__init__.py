@@ -12,6 +12,13 @@ Modules: ``exports`` (the three exports and the run they read), ``model_card`` (
 ``cli`` (the command).
 """
 
-from fedlora.export.exports import ExportedRun, export_adapter, export_client_adapter, export_merged
-
 __all__ = ["ExportedRun", "export_adapter", "export_client_adapter", "export_merged"]
+
+
+def __getattr__(name: str):
+    """The exports load torch and transformers on first use: ``fedlora --help`` imports ``cli`` only."""
+    if name in __all__:
+        from fedlora.export import exports
+
+        return getattr(exports, name)
+    raise AttributeError(f"module 'fedlora.export' has no attribute {name!r}")

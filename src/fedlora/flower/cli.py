@@ -28,7 +28,7 @@ publisher = "fedlora"
 
 [tool.flwr.app.components]
 serverapp = "fedlora.flower.serverapp:app"
-clientapp = "fedlora.flower.clientapp:{clientapp}"
+clientapp = "fedlora.flower.{clientapp}"
 
 [tool.flwr.app.config]
 config = "{config}"
@@ -76,20 +76,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--min-replies", type=int, default=1)
     a.add_argument("--round-timeout", type=float, default=600.0)
     a.add_argument("--secagg", action="store_true", help="SecAgg+ (the ClientApp with secaggplus_mod)")
+    a.add_argument("--resident", action="store_true",
+                   help="the ClientApp forwards each message to the node's resident worker (SuperNodes started "
+                        "with `fedlora flower node`): model and data load once per run, not once per round")
     a.set_defaults(func=cmd_app)
+    from fedlora.flower.node import register as register_node
+
+    register_node(fsub)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def write_app(directory: str | Path, config: str | Path, overrides: list[str] = (), min_replies: int = 1,
-              round_timeout: float = 600.0, secagg: bool = False) -> Path:
-    """Write a Flower App directory whose ServerApp/ClientApp are fedlora's; returns its path."""
+              round_timeout: float = 600.0, secagg: bool = False, resident: bool = False) -> Path:
+    """Write a Flower App directory whose ServerApp/ClientApp are fedlora's; returns its path.
+    ``resident``: the ClientApp is the forwarder to each node's resident worker (``fedlora flower node``)."""
     from fedlora.files import atomic_write
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     text = APP_PYPROJECT.format(dir=d, config=Path(config).resolve().as_posix(), overrides=";".join(overrides),
                                 min_replies=int(min_replies), round_timeout=float(round_timeout),
-                                clientapp="secagg_app" if secagg else "app", secagg="true" if secagg else "false")
+                                clientapp=("forwarder:" if resident else "clientapp:") + ("secagg_app" if secagg else "app"),
+                                secagg="true" if secagg else "false")
     atomic_write(d / "pyproject.toml", text)
     return d
 
@@ -174,6 +182,10 @@ def check_in_process(args) -> None:
 
 
 def cmd_app(args) -> int:
-    d = write_app(args.dir, args.config, args.overrides, args.min_replies, args.round_timeout, args.secagg)
+    d = write_app(args.dir, args.config, args.overrides, args.min_replies, args.round_timeout, args.secagg,
+                  args.resident)
     print(f"Flower App written to {d}; run it with: flwr run {d} <connection> --stream")
+    if args.resident:
+        print("its ClientApp forwards to resident workers: start each SuperNode with `fedlora flower node "
+              "--superlink HOST:PORT --node-config 'partition-id=K num-partitions=N' ...`")
     return 0

@@ -25,6 +25,10 @@ Its partition is ``node_config["partition-id"]`` of ``num-partitions``, as Flowe
 
 from __future__ import annotations
 
+import time
+
+_T_IMPORT = time.time()  # the imports below (torch, transformers, peft, fedlora) are a per-process cost
+
 import hashlib
 import os
 from collections.abc import Mapping
@@ -45,6 +49,8 @@ from fedlora.runtime.privacy import upload_weighting
 from fedlora.runtime.training import ClientTrainingError, LocalResult, client_round
 from fedlora.strategies import GlobalState
 
+_IMPORTS_S = time.time() - _T_IMPORT
+
 # Context.state keys (per node, persist across rounds within a run)
 STATE_GLOBAL = "fedlora.global"  # the last global adapter this node received, all parts
 STATE_BASE = "fedlora.base"  # Σ of merged base changes, dense per layer (fp32)
@@ -64,6 +70,35 @@ class _Cached:
 
 
 _CACHE: dict[str, _Cached] = {}
+
+
+_CLOCK: dict = {"process-started": False}  # see take_clock
+
+
+def set_clock(clock: Mapping[str, float]) -> None:
+    """The node-side clock of the next message, as measured by the process that received it from
+    Flower (the forwarding ClientApp, when a resident worker does the work)."""
+    _CLOCK["preset"] = dict(clock)
+
+
+def own_clock(imports_s: float) -> dict[str, float]:
+    """This process's clock for the message it is handling now: ``t-start`` (when the process
+    started, for its first message; else the handler's start: a long-lived process pays no start),
+    ``t-handler`` (the handler's start, epoch s) and ``imports-s`` (the app module's imports, in the
+    first message only)."""
+    from fedlora.flower.channel import process_start_time
+
+    now = time.time()
+    if _CLOCK["process-started"]:
+        return {"t-start": now, "t-handler": now, "imports-s": 0.0}
+    _CLOCK["process-started"] = True
+    start = process_start_time()
+    return {"t-start": start if start is not None else now, "t-handler": now, "imports-s": imports_s}
+
+
+def take_clock() -> dict[str, float]:
+    """The clock of the message being handled: the one set by :func:`set_clock`, else this process's."""
+    return _CLOCK.pop("preset", None) or own_clock(_IMPORTS_S)
 
 
 def config_key(cfg_text: str) -> str:
@@ -175,28 +210,41 @@ def _node_round(content: RecordDict, context: Context):
     """What a TRAIN or EVALUATE message sets up on this node: its Federation, client index, the
     round's GlobalState, its base version, its personal state and where that is stored."""
     cfg_rec = content.config_records[rec.KEY_CONFIG]
-    cached = cached_federation(str(cfg_rec["fedlora-config"]))
+    text = str(cfg_rec["fedlora-config"])
+    loads = int(config_key(text) not in _CACHE)
+    cached = cached_federation(text)
     fed = cached.fed
     k = partition_of(context, fed.num_clients)
     state = _global_state(context, content)
     base_version = _apply_base(cached, context, content)
     store = store_path(context.node_config, str(cfg_rec["run-token"]), k)
-    return fed, k, state, base_version, load_personal(store, state.round), store
+    timing = {"model-loads": loads, "load-data-s": fed.load_s.get("data", 0.0) * loads,
+              "load-model-s": fed.load_s.get("model", 0.0) * loads, "worker-pid": os.getpid()}
+    return fed, k, state, base_version, load_personal(store, state.round), store, timing
+
+
+def _timed(clock: Mapping[str, float], timing: dict, **seconds: float) -> dict[str, float]:
+    """A reply's timing metrics: the node-side clock, what this message loaded, the phases given, and
+    ``t-end`` (epoch s) when its work ended."""
+    return {**clock, **timing, **seconds, "t-end": time.time()}
 
 
 def train_round(content: RecordDict, context: Context, faults: Mapping[int, str], loss_fn=None) -> dict:
     """One TRAIN message's work: returns {"payload" (None if training failed), "metrics", "info",
     "weighting"}."""
-    fed, k, state, base_version, personal, store = _node_round(content, context)
+    clock = take_clock()
+    fed, k, state, base_version, personal, store, timing = _node_round(content, context)
     ctx = client_context(fed, k, state.round, int(content.config_records[rec.KEY_CONFIG]["num-sampled"]))
     loss = (lambda m, b: loss_fn(m, b, k)) if loss_fn else None
+    t_train = time.perf_counter()
     try:
         result, adapter, mine, info = client_round(fed, state, personal, ctx, loss)
     except ClientTrainingError as e:  # train.fail_fast: reply the failure, the server stops the run (raised
         # here, the runtime would only turn it into an error reply, which the server counts as a lost client)
         result, adapter, mine, info = LocalResult(None, float("nan"), 0, str(e)), None, personal, {}
     metrics = {"num-examples": ctx.num_samples, "partition-id": k, "rank": ctx.rank or 0,
-               "steps": result.steps, "base-version": base_version, "failed": int(adapter is None)}
+               "steps": result.steps, "base-version": base_version, "failed": int(adapter is None),
+               **_timed(clock, timing, **{"train-s": time.perf_counter() - t_train})}
     out = {"payload": None, "metrics": metrics, "info": {"error": result.error or "failed"},
            "weighting": upload_weighting(fed.cfg, fed.strategy)}
     if adapter is None:
@@ -204,9 +252,10 @@ def train_round(content: RecordDict, context: Context, faults: Mapping[int, str]
     if mine is not None:
         save_personal(store, state.round, mine)
     payload = fed.strategy.payload(adapter, state.round)
-    fault = faults.get(k) or context.node_config.get("fedlora-fault")
-    if fault:
-        payload = _inject_fault(str(fault), payload)
+    fault = str(faults.get(k) or context.node_config.get("fedlora-fault") or "")
+    kind, _, only_round = fault.partition("@")  # "exit@2": only in round 2
+    if kind and (not only_round or int(only_round) == state.round + 1):
+        payload = _inject_fault(kind, payload)
     metrics.update(scaling=float(info.pop("scaling")), loss=float(result.loss))
     out.update(payload=payload, info=info)
     return out
@@ -215,16 +264,20 @@ def train_round(content: RecordDict, context: Context, faults: Mapping[int, str]
 def evaluate_round(msg: Message, context: Context) -> Message:
     """One EVALUATE message: this client's personal model on its held-out slice (empty metrics when
     the slice is empty)."""
-    fed, k, state, base_version, personal, _ = _node_round(msg.content, context)
+    clock = take_clock()
+    fed, k, state, base_version, personal, _, timing = _node_round(msg.content, context)
+    t_eval = time.perf_counter()
     metrics = evaluate_client(fed, state, personal, k) or {}
     return Message(RecordDict({rec.KEY_INFO: ConfigRecord({
-        "metrics": rec.to_json(metrics, f"client {k} evaluation"), "base-version": base_version})}), reply_to=msg)
+        "metrics": rec.to_json(metrics, f"client {k} evaluation"), "base-version": base_version}),
+        rec.KEY_METRICS: MetricRecord(_timed(clock, timing, **{"evaluate-s": time.perf_counter() - t_eval}))}),
+        reply_to=msg)
 
 
 def make_client_app(faults: Mapping[int, str] | None = None, secagg: bool = False, loss_fn=None) -> ClientApp:
     """The fedlora ClientApp. ``secagg``: the SecAgg+ variant (``secaggplus_mod``; see
     :mod:`fedlora.flower.secagg`). ``faults`` (tests only) maps a partition id to a fault its replies
-    carry (``"nan"``, ``"shape"``, ``"exit"``); a node's ``node_config["fedlora-fault"]`` does the same
+    carry (``"nan"``, ``"shape"``, ``"exit"``; ``"exit@2"``: in round 2 only); a node's ``node_config["fedlora-fault"]`` does the same
     in a deployment. ``loss_fn(model, batch, client_id)`` (tests only, in process) replaces the task's
     loss, as in ``fedlora.sim.run``."""
     mods = []

@@ -1,7 +1,7 @@
 """A real Flower deployment on one machine: a SuperLink, SuperNodes, and ``flwr run``, all as
 subprocesses on loopback, every one of them stopped by pid when done.
 
-Used by the loopback deployment test, the benchmark and ``fedlora flower local``. The same commands,
+Used by the loopback deployment tests and the benchmark. The same commands,
 run by hand on separate machines (with TLS), are the deployment recipe in docs/flower.md.
 
 Flower 1.41 processes started here:
@@ -9,7 +9,9 @@ Flower 1.41 processes started here:
 - ``flower-superlink --insecure --host 127.0.0.1 --port P --disable-runtime-dependency-installation``
   (it launches a detached ``flower-superexec``, which launches ``flwr-serverapp`` per run);
 - per node, ``flower-supernode --insecure --superlink 127.0.0.1:P --port Q --node-config
-  'partition-id=K num-partitions=N'`` (it launches ``flwr-clientapp`` per message);
+  'partition-id=K num-partitions=N'`` (it launches ``flwr-clientapp`` per message); with
+  ``resident=True`` the same arguments go to ``fedlora flower node`` (a resident worker per node, or
+  one for all of them with ``shared_worker=True``), for an app written with ``resident=True``;
 - ``flwr run APP_DIR local-deployment --stream`` with ``FLWR_HOME`` in a private folder whose
   ``config.toml`` names the SuperLink.
 
@@ -101,6 +103,15 @@ def _bin(name: str) -> str:
     return found
 
 
+def _config_value(value: str) -> str:
+    """A ``--node-config`` value: numbers as they are, anything else quoted (Flower's parser)."""
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return f'"{value}"'
+
+
 class LocalDeployment:
     """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1 (insecure), as a context manager.
 
@@ -109,17 +120,25 @@ class LocalDeployment:
     (flower-superexec, flwr-serverapp, flwr-clientapp). ``workdir`` holds ``FLWR_HOME`` and the logs.
     """
 
-    def __init__(self, workdir: str | Path, num_nodes: int, node_config: dict[int, dict[str, str]] | None = None):
+    def __init__(self, workdir: str | Path, num_nodes: int, node_config: dict[int, dict[str, str]] | None = None,
+                 resident: bool = False, threads: int = 0, shared_worker: bool = False):
         self.workdir = Path(workdir)
         self.num_nodes = num_nodes
         self.node_config = node_config or {}
+        self.resident = resident  # nodes are `fedlora flower node` (a resident worker each), not flower-supernode
+        self.threads = threads  # torch threads per resident worker (0: torch's default)
+        self.shared_worker = shared_worker  # resident: one `fedlora flower node` (one worker) for all the nodes
+        self.node_dirs: dict[int, Path] = {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.known: set[int] = set()
         self.port = free_port()
         # Flower starts flower-superexec / flwr-serverapp / flwr-clientapp by name: this venv first on PATH
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        from fedlora.flower.node import POLL_DEFAULT, POLL_ENV
+
         self.env = dict(os.environ, PATH=path, FLWR_HOME=str(self.workdir / "flwr-home"),
                         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
+        self.env.setdefault(POLL_ENV, POLL_DEFAULT)  # the SuperExecs look for new ClientApp tasks every 0.1 s
 
     @property
     def address(self) -> str:
@@ -140,13 +159,32 @@ class LocalDeployment:
         self._start("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
                                   str(self.port), "--disable-runtime-dependency-installation"])
         self._wait_port(self.port, "superlink")
+        configs = []
         for k in range(self.num_nodes):
             cfg = {"partition-id": str(k), "num-partitions": str(self.num_nodes), **self.node_config.get(k, {})}
-            self._start(f"supernode-{k}", [
-                _bin("flower-supernode"), "--insecure", "--superlink", self.address, "--port", str(free_port()),
-                "--node-config", " ".join(f"{key}={val}" for key, val in cfg.items())])
+            configs.append(["--node-config", " ".join(f"{key}={_config_value(val)}" for key, val in cfg.items())])
+        link = ["--insecure", "--superlink", self.address]
+        if not self.resident:
+            for k in range(self.num_nodes):
+                self._start(f"supernode-{k}", [_bin("flower-supernode"), *link, "--port", str(free_port()), *configs[k]])
+        elif self.shared_worker:  # one `fedlora flower node`: a worker and every SuperNode (free ports each)
+            self._start("supernode-all", self._node_command(range(self.num_nodes)) + link +
+                        [a for c in configs for a in c])
+        else:
+            for k in range(self.num_nodes):
+                self._start(f"supernode-{k}", self._node_command([k]) + link + ["--port", str(free_port()), *configs[k]])
         self._write_connection()
         return self
+
+    def _node_command(self, nodes) -> list[str]:
+        """``fedlora flower node`` for ``nodes`` (one private folder, short enough for a socket path)."""
+        import tempfile
+
+        d = Path(tempfile.mkdtemp(prefix="fedlora-node-"))
+        for k in nodes:
+            self.node_dirs[k] = d
+        return [sys.executable, "-m", "fedlora.cli", "flower", "node", "--node-dir", str(d)] + (
+            ["--threads", str(self.threads)] if self.threads else [])
 
     def _wait_port(self, port: int, name: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -184,8 +222,9 @@ class LocalDeployment:
         return subprocess.CompletedProcess(cmd, p.returncode, out, "")
 
     def kill_node(self, k: int) -> None:
-        """Kill SuperNode ``k`` and its ClientApp processes at once (SIGKILL): a node lost mid-round."""
-        p = self.procs[f"supernode-{k}"]
+        """Kill SuperNode ``k`` and its ClientApp processes at once (SIGKILL): a node lost mid-round
+        (with ``shared_worker``: every node)."""
+        p = self.procs["supernode-all" if self.shared_worker else f"supernode-{k}"]
         pids = [p.pid, *descendants(p.pid)]
         for pid in pids:
             try:
@@ -193,6 +232,18 @@ class LocalDeployment:
             except ProcessLookupError:
                 pass
         p.wait()
+
+    def worker_pid(self, k: int, wait: float = 120.0) -> int:
+        """The pid of node ``k``'s resident worker (once it is listening)."""
+        from fedlora.flower.channel import PIDFILE
+
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            f = self.node_dirs[k] / PIDFILE
+            if f.is_file() and f.read_text().strip():
+                return int(f.read_text())
+            time.sleep(0.1)
+        raise FedLoRAError(f"node {k}'s worker wrote no pid within {wait:.0f} s; see {self.workdir}/supernode-{k}.log")
 
     def all_pids(self) -> list[int]:
         """Every process this deployment started, and their live descendants."""
@@ -211,6 +262,8 @@ class LocalDeployment:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        for d in set(self.node_dirs.values()):
+            shutil.rmtree(d, ignore_errors=True)
 
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"

@@ -70,6 +70,14 @@ def check_secagg(cfg: RunConfig, options: FlowerOptions) -> None:
                           "re-factor or correct them), so it would have nothing to aggregate")
 
 
+#: What a TRAIN reply reports of its node's time (see ``clientapp.own_clock`` and ``_timed``): epoch
+#: seconds on the node's clock (``t-start`` of the process, ``t-handler``, ``t-end``), seconds spent
+#: (imports, loading data and model: 0 when the node had them, training), the model loads (0/1), and
+#: the pid of the process that did the work. The transport adds its own ``t-push`` and ``t-reply``.
+NODE_TIMES = ("t-start", "t-handler", "imports-s", "load-data-s", "load-model-s", "train-s", "t-end",
+              "model-loads", "worker-pid")
+
+
 class FlowerTransport:
     """Reach the clients through Flower messages. Nodes keep their personal state (FedSA's B) and
     their merged base changes; the server keeps, for an exact resume, the base changes it has sent
@@ -96,11 +104,15 @@ class FlowerTransport:
         self.seen_round = checkpoint["round"] if checkpoint is not None else 0
         self.has_global: set[int] = set()  # nodes holding a full copy of the global adapter
         self.known_base: dict[int, int] = {}  # node → base deltas it has merged (from its last reply)
+        self.timing: dict[int, dict[str, float]] = {}  # client → node-side times of its last TRAIN reply
+        self.row: dict[str, Any] = {}  # the round's extra metrics-row keys (Flower's bytes, node times, loads)
+        self.arrived: dict[str, float] = {}  # message id → when its reply was pulled (epoch s)
         self.pid_to_node = self.discover(fed.num_clients)
         self.log(f"{len(self.pid_to_node)} nodes: " + ", ".join(f"{k}→{n}" for k, n in sorted(self.pid_to_node.items())))
 
     def train(self, state: GlobalState, sampled: list[int], status: Callable[[str], None]) -> RoundReplies:
         self.note_base_change(state)
+        self.arrived, self.timing = {}, {}
         status(f"training on {len(sampled)} nodes")
         msgs, sent = [], {}
         for k in sampled:
@@ -117,10 +129,12 @@ class FlowerTransport:
             self.known_base[self.pid_to_node[k]] = version
         for f in failed:
             self.log(f"round {state.round + 1}: client {f['client']} failed: {f['error']}")
+        timing = {str(g[0]): self.timing[g[0]] for g in good if g[0] in self.timing}
+        self.row = {"bytes_up_sent": sum(g[4] for g in good), "bytes_down_sent": sum(sent[g[0]] for g in good),
+                    "model_loads": sum(int(t.get("model-loads", 0)) for t in timing.values()), "node_timing": timing}
         return RoundReplies(updates=[g[1] for g in good], contexts=[g[2] for g in good],
                             losses={g[0]: (g[3], g[1].num_samples) for g in good}, failed=failed, secure=secure,
-                            row={"bytes_up_sent": sum(g[4] for g in good),
-                                 "bytes_down_sent": sum(sent[g[0]] for g in good)})
+                            row=self.row)  # evaluate_personal adds its messages' model loads
 
     def evaluate_personal(self, state: GlobalState) -> dict[int, dict[str, Any]]:
         """One EVALUATE message per node (all parts of the global adapter, and the base changes it
@@ -139,6 +153,9 @@ class FlowerTransport:
             if reply.has_error():
                 self.log(f"after round {state.round}: client {k} could not evaluate: {reply.error.reason}")
                 continue
+            if rec.KEY_METRICS in reply.content.metric_records:
+                self.row["model_loads"] = self.row.get("model_loads", 0) + int(
+                    reply.content.metric_records[rec.KEY_METRICS].get("model-loads", 0))
             info = reply.content.config_records[rec.KEY_INFO]
             self.known_base[self.pid_to_node[k]] = int(info["base-version"])
             metrics = rec.from_json(str(info["metrics"]))
@@ -257,12 +274,15 @@ class FlowerTransport:
                                  rank=int(m["rank"]) or None)
             good.append((k, upd, ctx, float(m["loss"]), rec.record_nbytes(c.array_records[rec.KEY_PAYLOAD]),
                          int(m["base-version"])))
+            self.timing[k] = dict({key: m[key] for key in NODE_TIMES if key in m}, **{
+                "t-push": self.pushed_at, "t-reply": self.arrived.get(reply.metadata.reply_to_message_id, time.time())})
         good.sort(key=lambda g: g[0])  # the in-process order: sampled clients in increasing id
         return good, failed
 
     def plain_collect(self, state: GlobalState, msgs: list[Message], sampled: list[int]):
         """Send the round's messages, wait for the replies, check each (see :meth:`collect`)."""
         ids = list(self.grid.push_messages(msgs))
+        self.pushed_at = time.time()
         sent_to = dict(zip(ids, sampled))
         replies = self.pull(ids)
         good, failed = self.collect(replies, state, sent_to, len(sampled))
@@ -285,6 +305,7 @@ class FlowerTransport:
                                                if upload_weighting(self.fed.cfg, strategy) == "samples" else len(sampled)),
                               timeout=self.options.round_timeout)
         reported = {node_to_pid[n]: (w, m) for n, w, m in bridge.metrics}
+        self.timing = {k: {key: m[key] for key in NODE_TIMES if key in m} for k, (_, m) in reported.items()}
         failed = [{"client": k, "error": "dropped out of SecAgg+ (error or no reply)"}
                   for k in sampled if k not in reported]
         if bridge.aggregate is None:
@@ -321,10 +342,12 @@ class FlowerTransport:
         while waiting and time.monotonic() < deadline:
             raise_if_stopped()
             got = list(self.grid.pull_messages(list(waiting)))
+            now = time.time()
+            self.arrived.update({r.metadata.reply_to_message_id: now for r in got})
             replies += got
             waiting -= {r.metadata.reply_to_message_id for r in got}
             if waiting:
-                time.sleep(0.5)
+                time.sleep(0.1)
         return replies
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class Federation:
     num_labels: int
     partition_summary: dict[str, Any] = field(default_factory=dict)
     dp_sigma: float = 0.0  # privacy: the noise multiplier used (configured, or calibrated to target_epsilon)
+    load_s: dict[str, float] = field(default_factory=dict)  # seconds prepare spent: "data" (load, tokenise), "model"
 
     @property
     def num_clients(self) -> int:
@@ -87,6 +89,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Federation:
     """Load and check everything a run needs; raises ConfigError (naming the key) before training."""
     from fedlora.data import format_partition_summary, holdout, load_source, partition, partition_summary
 
+    t_start = time.perf_counter()
     strategy = build_strategy(cfg)
     if cfg.model.threads > 0:
         torch.set_num_threads(cfg.model.threads)
@@ -133,6 +136,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Federation:
 
     train = task.encode(splits["train"])
     validation = task.encode(splits["validation"])
+    t_model = time.perf_counter()
     dtype = torch.float32  # bf16 runs autocast; weights and factors stay fp32
     torch.manual_seed(seed)  # the new head and PEFT's initial A: the same for the same seed
     try:
@@ -142,6 +146,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Federation:
     targets = target_modules_for(base.config.model_type, cfg.lora.target_modules)
     shared = SharedModel(base.to(device), task_type=task.peft_task_type, rank=cfg.lora.r, alpha=cfg.lora.alpha,
                          dropout=cfg.lora.dropout, target_modules=targets)
+    t_loaded = time.perf_counter()
     ranks = cfg.lora.client_ranks or [cfg.lora.r]
     client_ranks = [ranks[k % len(ranks)] for k in range(len(parts))]
     num_labels = base.config.num_labels
@@ -151,7 +156,8 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Federation:
 
         dp_sigma = noise_multiplier(cfg, [len(t) for t in client_train])
     return Federation(cfg, strategy, task, shared, device, train, validation, eval_indices, client_train,
-                      client_heldout, client_ranks, model_path, targets, num_labels, summary, dp_sigma)
+                      client_heldout, client_ranks, model_path, targets, num_labels, summary, dp_sigma,
+                      load_s={"data": t_model - t_start, "model": t_loaded - t_model})
 
 
 def clients_per_round(num_clients: int, cfg) -> int:
