@@ -4,9 +4,9 @@ rounds, and the ClientApp Flower starts per message only forwards to it over a l
 - the channel: a wrong or missing secret is refused, so is another user; the right one gets a real
   ClientApp reply;
 - a loopback deployment of resident nodes gives the embedded engine's result (fedrot on the real
-  MiniLM, fedsa on a tiny model, SmolLM2's first round), loads the model once per node per run, and
-  survives a worker killed mid-round: that round completes with the other node, the next one uses
-  a restarted worker; every process started is gone afterwards.
+  MiniLM, fedit on the real SmolLM2, fedsa with personal evaluation on a tiny model), loads the
+  model once per node per run, and survives a worker killed mid-round: that round completes with
+  the other node, the next one uses a restarted worker; every process started is gone afterwards.
 """
 
 from __future__ import annotations
@@ -218,18 +218,20 @@ def test_resident_nodes_give_the_embedded_result_load_once_and_survive_a_killed_
               "train.rounds": "1", "data.train_examples": "40"}
     tiny = dict(a.split("=", 1) for a in tiny_overrides(runs, model, data))
     tiny = {k: v for k, v in tiny.items() if k not in common}
-    tiny.update({"strategy.name": '"fedsa"', "train.rounds": "3", "eval.personalised": "true"})
-    plans = {"minilm": cfg("minilm", minilm), "smollm": cfg("smollm", smollm), "fedsa": cfg("fedsa", tiny)}
+    tiny.update({"strategy.name": '"fedsa"', "train.rounds": "2", "eval.personalised": "true"})
+    killed = {**tiny, "strategy.name": '"fedrot"', "train.rounds": "4"}
+    bases = {"minilm": minilm, "smollm": smollm, "fedsa": tiny, "killed": killed}
+    plans = {name: cfg(name, base) for name, base in bases.items()}
     apps = {}
     for name, c in plans.items():
         (tmp_path / f"{name}.toml").write_text(to_toml(c))
         apps[name] = write_app(tmp_path / f"app-{name}", tmp_path / f"{name}.toml", min_replies=1,
                                round_timeout=240, resident=True)
 
-    # node 1's worker dies in round 2 of any run (only the 3-round fedsa run has one)
+    # node 1's worker dies in round 3 of any run (only the 4-round run "killed" has one)
     dep = LocalDeployment(tmp_path / "deploy", num_nodes=2, resident=True,  # personal states kept in tmp_path
                           node_config={0: {"fedlora-state-dir": str(tmp_path / "nodes")},
-                                       1: {"fedlora-state-dir": str(tmp_path / "nodes"), "fedlora-fault": "exit@2"}})
+                                       1: {"fedlora-state-dir": str(tmp_path / "nodes"), "fedlora-fault": "exit@3"}})
     started = []
     try:
         dep.start()
@@ -245,10 +247,10 @@ def test_resident_nodes_give_the_embedded_result_load_once_and_survive_a_killed_
 
     # the embedded engine, same configs
     for name, c in plans.items():
-        rounds = 1 if name == "fedsa" else c.train.rounds  # fedsa: the round before the killed worker
+        rounds = 2 if name == "killed" else c.train.rounds  # "killed": the rounds before the worker died
         torch.manual_seed(c.run.seed)
-        engine = run(cfg(f"{name}-engine", {**{"minilm": minilm, "smollm": smollm, "fedsa": tiny}[name],
-                                             "train.rounds": str(rounds)}), progress=False, log=lambda s: None)
+        engine = run(cfg(f"{name}-engine", {**bases[name], "train.rounds": str(rounds)}), progress=False,
+                     log=lambda s: None)
         erows, frows = rows_of(engine["run_dir"]), rows_of(runs / name)
         for e, f in zip(erows, frows[:rounds]):
             assert f["clients"] == e["clients"] and not f["failed"], (name, f)
@@ -256,7 +258,7 @@ def test_resident_nodes_give_the_embedded_result_load_once_and_survive_a_killed_
             same_figures(f["eval"], e["eval"], name)  # global and (fedsa) personal evaluation
             if e.get("diagnostics"):
                 assert f["diagnostics"]["ideal_norm"] == pytest.approx(e["diagnostics"]["ideal_norm"], rel=1e-4)
-        if name != "fedsa":  # a whole run: the same global adapter
+        if name != "killed":  # a whole run: the same global adapter
             from safetensors.torch import load_file
 
             a, b = (load_file(os.path.join(d, "adapter", "adapter_model.safetensors"))
@@ -266,18 +268,20 @@ def test_resident_nodes_give_the_embedded_result_load_once_and_survive_a_killed_
                 torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
         assert frows[0]["model_loads"] == 2, name  # each node loads a new run's model with its first message
 
-    # fedsa: node 1's worker died in round 2; the round completed with node 0, round 3 used a new worker
-    rows = rows_of(runs / "fedsa")
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    assert [f["client"] for f in rows[1]["failed"]] == [1] and "died" in rows[1]["failed"][0]["error"]
-    assert list(rows[1]["client_loss"]) == ["0"]
-    assert not rows[2]["failed"] and sorted(rows[2]["client_loss"]) == ["0", "1"]
+    # while a worker lives it never loads a run's model twice
+    assert [r["model_loads"] for r in rows_of(runs / "fedsa")] == [2, 0]
+    # "killed": node 1's worker died in round 3; the round completed with node 0, round 4 used a new worker
+    rows = rows_of(runs / "killed")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [f["client"] for f in rows[2]["failed"]] == [1] and "died" in rows[2]["failed"][0]["error"]
+    assert list(rows[2]["client_loss"]) == ["0"]
+    assert not rows[3]["failed"] and sorted(rows[3]["client_loss"]) == ["0", "1"]
     pids = [{k: t["worker-pid"] for k, t in r["node_timing"].items()} for r in rows]
-    assert pids[0] == {"0": first_workers[0], "1": first_workers[1]}
-    assert pids[2]["1"] == restarted != first_workers[1] and pids[2]["0"] == first_workers[0]
-    # while a worker lives it never reloads; the restarted one loaded the model once, for round 2's
-    # personal evaluation (right after its predecessor died)
-    assert [r["model_loads"] for r in rows] == [2, 1, 0]
+    assert pids[0] == pids[1] == {"0": first_workers[0], "1": first_workers[1]}
+    assert pids[3]["1"] == restarted != first_workers[1] and pids[3]["0"] == first_workers[0]
+    # the restarted worker loaded the model once, for round 3's personal evaluation (right after its
+    # predecessor died)
+    assert [r["model_loads"] for r in rows] == [2, 0, 1, 0]
     assert all("personal" in r["eval"] for r in rows)
-    summary = json.loads((runs / "fedsa" / "summary.json").read_text())
+    summary = json.loads((runs / "killed" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["failed_client_rounds"] == 1

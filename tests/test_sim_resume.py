@@ -21,7 +21,7 @@ from fedlora.runtime.rundir import RunDir
 from sim_tiny import make_tiny_model, make_toy_data, tiny_overrides
 from task_tiny import make_tiny_llama, make_toy_math
 
-TIMINGS = {"wall_s", "train_s", "eval_s"}
+TIMINGS = {"wall_s", "train_s", "eval_s", "node_timing", "model_loads"}  # (Flower: the nodes' clocks and loads)
 #: what a Flower run's transport carried: after a resume, nodes that lost their cached copy of the
 #: global adapter get all of it once, so bytes_down_sent may grow there; nothing else may differ
 SENT_DOWN = "bytes_down_sent"
