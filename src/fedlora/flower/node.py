@@ -71,6 +71,7 @@ def serve(node_dir: Path, threads: int = 0) -> None:
     ch.log(f"worker ready at {path}")
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # after the message in hand, within 1 s
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor stops us
     while os.getppid() == parent and not stop:  # an orphaned worker (its supervisor killed) stops by itself
         try:
             conn, _ = server.accept()
@@ -237,7 +238,9 @@ class Node:
 def register(fsub) -> None:
     """``fedlora flower node``: its arguments (the rest go to flower-supernode)."""
     n = fsub.add_parser(
-        "node", allow_abbrev=False, help="a SuperNode with a resident fedlora worker (model loaded once per run, not per round)",
+        "node", allow_abbrev=False,
+        usage="fedlora flower node [-h] [--node-dir NODE_DIR] [--threads THREADS] FLOWER_SUPERNODE_ARGUMENTS ...",
+        help="a SuperNode with a resident fedlora worker (model loaded once per run, not per round)",
         description="Start flower-supernode with the given arguments (e.g. --insecure --superlink HOST:PORT "
                     "--node-config 'partition-id=0 num-partitions=3'), plus a long-lived fedlora worker that "
                     "keeps the base model, the encoded partition and the personal state across rounds. Use it "
