@@ -67,7 +67,8 @@ def new_secret(node_dir: Path) -> str:
     """Draw a fresh secret and write it to ``node_dir/secret`` with mode 0600, all or nothing."""
     value = secrets.token_hex(32)
     tmp = node_dir / f".{SECRET}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a stale file would keep its own mode: create afresh, 0600
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value)
     os.replace(tmp, node_dir / SECRET)
@@ -157,6 +158,25 @@ def process_start_time() -> float | None:
         return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
+
+
+class ProcessClock:
+    """The node-side clock of each message a process handles: ``t-start`` (when the process started,
+    for its first message; else the handler's start, as a long-lived process pays no start),
+    ``t-handler`` (the handler's start, epoch s) and ``imports-s`` (its app module's imports, in the
+    first message only). One per process: fedlora's ClientApp and the forwarding one each have theirs."""
+
+    def __init__(self, imports_s: float):
+        self.imports_s = imports_s
+        self.first = True
+
+    def __call__(self) -> dict[str, float]:
+        now = time.time()
+        if not self.first:
+            return {"t-start": now, "t-handler": now, "imports-s": 0.0}
+        self.first = False
+        start = process_start_time()
+        return {"t-start": start if start is not None else now, "t-handler": now, "imports-s": self.imports_s}
 
 
 # ---- request / answer ----------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FedLoRAError
 from fedlora.factors import Adapter
 from fedlora.flower import records as rec
+from fedlora.flower.channel import ProcessClock
 from fedlora.flower.nodestore import load_personal, save_personal, store_path
 from fedlora.runtime.evaluation import evaluate_client
 from fedlora.runtime.federation import client_context, prepare
@@ -49,7 +50,7 @@ from fedlora.runtime.privacy import upload_weighting
 from fedlora.runtime.training import ClientTrainingError, LocalResult, client_round
 from fedlora.strategies import GlobalState
 
-_IMPORTS_S = time.time() - _T_IMPORT
+_OWN_CLOCK = ProcessClock(time.time() - _T_IMPORT)
 
 # Context.state keys (per node, persist across rounds within a run)
 STATE_GLOBAL = "fedlora.global"  # the last global adapter this node received, all parts
@@ -72,33 +73,18 @@ class _Cached:
 _CACHE: dict[str, _Cached] = {}
 
 
-_CLOCK: dict = {"process-started": False}  # see take_clock
+_PRESET: dict[str, dict] = {}  # the clock the forwarding ClientApp measured for the message in hand (see take_clock)
 
 
 def set_clock(clock: Mapping[str, float]) -> None:
     """The node-side clock of the next message, as measured by the process that received it from
     Flower (the forwarding ClientApp, when a resident worker does the work)."""
-    _CLOCK["preset"] = dict(clock)
-
-
-def own_clock(imports_s: float) -> dict[str, float]:
-    """This process's clock for the message it is handling now: ``t-start`` (when the process
-    started, for its first message; else the handler's start: a long-lived process pays no start),
-    ``t-handler`` (the handler's start, epoch s) and ``imports-s`` (the app module's imports, in the
-    first message only)."""
-    from fedlora.flower.channel import process_start_time
-
-    now = time.time()
-    if _CLOCK["process-started"]:
-        return {"t-start": now, "t-handler": now, "imports-s": 0.0}
-    _CLOCK["process-started"] = True
-    start = process_start_time()
-    return {"t-start": start if start is not None else now, "t-handler": now, "imports-s": imports_s}
+    _PRESET["clock"] = dict(clock)
 
 
 def take_clock() -> dict[str, float]:
     """The clock of the message being handled: the one set by :func:`set_clock`, else this process's."""
-    return _CLOCK.pop("preset", None) or own_clock(_IMPORTS_S)
+    return _PRESET.pop("clock", None) or _OWN_CLOCK()
 
 
 def config_key(cfg_text: str) -> str:

@@ -26,19 +26,9 @@ from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from fedlora.errors import ConfigError  # noqa: E402
-from fedlora.flower.channel import NODE_KEY, forward, process_start_time  # noqa: E402
+from fedlora.flower.channel import NODE_KEY, ProcessClock, forward  # noqa: E402
 
-_IMPORTS_S = time.time() - _T_IMPORT
-_STARTED = {"first": True}
-
-
-def _clock() -> dict[str, float]:
-    """As :func:`fedlora.flower.clientapp.own_clock`, for this (forwarding) process."""
-    now = time.time()
-    if not _STARTED.pop("first", False):
-        return {"t-start": now, "t-handler": now, "imports-s": 0.0}
-    start = process_start_time()
-    return {"t-start": start if start is not None else now, "t-handler": now, "imports-s": _IMPORTS_S}
+_clock = ProcessClock(time.time() - _T_IMPORT)
 
 
 def make_forwarder(variant: str = "plain") -> ClientApp:

@@ -70,7 +70,7 @@ def check_secagg(cfg: RunConfig, options: FlowerOptions) -> None:
                           "re-factor or correct them), so it would have nothing to aggregate")
 
 
-#: What a TRAIN reply reports of its node's time (see ``clientapp.own_clock`` and ``_timed``): epoch
+#: What a TRAIN reply reports of its node's time (see ``channel.ProcessClock`` and ``clientapp._timed``): epoch
 #: seconds on the node's clock (``t-start`` of the process, ``t-handler``, ``t-end``), seconds spent
 #: (imports, loading data and model: 0 when the node had them, training), the model loads (0/1), and
 #: the pid of the process that did the work. The transport adds its own ``t-push`` and ``t-reply``.
